@@ -1,0 +1,38 @@
+"""`di-router`: one umbrella command whose subcommands live next to the part they drive."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand -> module exposing `add_parser(subparsers)`; the parser sets `func(args) -> int`.
+SUBCOMMANDS: dict[str, str] = {
+    "sim": "di_router.sim.cli",
+    "demo": "di_router.demo",
+    "compile": "di_router.launcher.compile_cmd",
+    "serve": "di_router.launcher.serve_cmd",
+    "up": "di_router.launcher.up_cmd",
+    "doctor": "di_router.launcher.doctor",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="di-router",
+        description="Disaggregated inference (prefill/decode) for vLLM on AWS Trainium.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        importlib.import_module(module_name).add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

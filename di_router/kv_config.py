@@ -1,0 +1,100 @@
+"""The vLLM `KVTransferConfig` as the Neuron fork (vLLM 0.7.2) validates it.
+
+One model for the whole project: the simulator validates `--kv-transfer-config` with it and the
+launcher builds the JSON it passes to real vLLM servers from it, so both agree by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from di_router.neuron_cores import parse_visible_cores
+
+KVRole = Literal["kv_producer", "kv_consumer", "kv_both"]
+NEURON_CONNECTOR = "NeuronConnector"
+DEFAULT_KV_PORT = 14579
+
+
+class KVTransferConfig(BaseModel):
+    """Field names, types and defaults of vLLM 0.7.2's config plus the Neuron fork's additions."""
+
+    # Later Neuron releases add keys such as "etcd"; vLLM's pydantic model ignores unknown keys.
+    model_config = ConfigDict(extra="ignore")
+
+    kv_connector: str | None = None
+    kv_buffer_device: str | None = "cuda"
+    kv_buffer_size: float = 1e9
+    kv_role: KVRole | None = None
+    kv_rank: int | None = None
+    kv_parallel_size: int = 1
+    kv_ip: str = "127.0.0.1"
+    kv_port: int = DEFAULT_KV_PORT
+    kv_map_path: str | None = None
+    neuron_core_offset: int | None = 0
+
+    @model_validator(mode="after")
+    def _check_roles(self) -> KVTransferConfig:
+        if self.kv_connector is not None and self.kv_role is None:
+            raise ValueError(
+                f"kv_role: a kv_connector ({self.kv_connector}) needs kv_role set to one of "
+                "kv_producer, kv_consumer, kv_both"
+            )
+        if self.kv_connector == NEURON_CONNECTOR and self.kv_parallel_size < 2:
+            raise ValueError(
+                "kv_parallel_size: NeuronConnector creates its transfer agent only when "
+                f"kv_parallel_size >= 2 (got {self.kv_parallel_size}); use 2 for 1P1D"
+            )
+        if not 0 < self.kv_port < 65536:
+            raise ValueError(f"kv_port: {self.kv_port} is not a TCP port")
+        return self
+
+    @property
+    def is_kv_transfer_instance(self) -> bool:
+        return self.kv_connector is not None and self.kv_role is not None
+
+    @property
+    def is_kv_producer(self) -> bool:
+        return self.is_kv_transfer_instance and self.kv_role in ("kv_producer", "kv_both")
+
+    @property
+    def is_kv_consumer(self) -> bool:
+        return self.is_kv_transfer_instance and self.kv_role in ("kv_consumer", "kv_both")
+
+    def to_cli_json(self) -> str:
+        """Compact JSON for `--kv-transfer-config` holding exactly the fields that were set."""
+        return self.model_dump_json(exclude_unset=True)
+
+    def core_offset_warning(self, visible_cores: str | None) -> str | None:
+        """Why this offset disagrees with `NEURON_RT_VISIBLE_CORES`, or None when it agrees."""
+        if visible_cores is None or self.neuron_core_offset is None:
+            return None
+        try:
+            first = parse_visible_cores(visible_cores)[0]
+        except ValueError as exc:
+            return f"NEURON_RT_VISIBLE_CORES={visible_cores!r} is not a core range: {exc}"
+        if first != self.neuron_core_offset:
+            return (
+                f"neuron_core_offset={self.neuron_core_offset} but NEURON_RT_VISIBLE_CORES="
+                f"{visible_cores} starts at core {first}; KV would be sent to the wrong cores. "
+                f"Set neuron_core_offset to {first}."
+            )
+        return None
+
+
+def parse_kv_transfer_config(text: str) -> KVTransferConfig:
+    """Validate a `--kv-transfer-config` JSON string; ValueError names the failing field."""
+    try:
+        return KVTransferConfig.model_validate_json(text)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ValueError(f"invalid --kv-transfer-config: {problems}") from None
+
+
+def visible_cores_from_env() -> str | None:
+    return os.environ.get("NEURON_RT_VISIBLE_CORES")
