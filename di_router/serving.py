@@ -1,0 +1,60 @@
+"""Running an ASGI app on Hypercorn with uvloop: shared by the router and the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart
+
+try:  # uvloop is a hard dependency on Linux/macOS; fall back quietly elsewhere.
+    import uvloop
+except ImportError:  # pragma: no cover
+    uvloop = None
+
+
+def hypercorn_config(host: str, port: int, **overrides: object) -> Config:
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    # A Logger instance is used as-is: records propagate to the root logging configuration.
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = 75  # longer than clients' pooled keep-alive: no stale sockets
+    config.backlog = 2048
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def run(app: Quart, config: Config, on_bound: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (lifespan shutdown runs)."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if on_bound is not None:
+            _call_when_bound(on_bound)
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+    if uvloop is not None:
+        uvloop.run(main())
+    else:  # pragma: no cover
+        asyncio.run(main())
+
+
+def _call_when_bound(callback: Callable[[], None]) -> None:
+    """Hypercorn logs "Running on ..." once its sockets listen; that is when we are ready."""
+
+    class _Bound(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.getMessage().startswith("Running on"):
+                callback()
+            return True
+
+    logging.getLogger("hypercorn.error").addFilter(_Bound())

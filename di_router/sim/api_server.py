@@ -1,0 +1,50 @@
+"""`python -m di_router.sim.api_server`: a drop-in for vLLM's `entrypoints.openai.api_server`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from di_router.serving import hypercorn_config, run
+from di_router.sim.app import create_app
+from di_router.sim.args import parse_settings
+from di_router.sim.settings import SimSettings
+
+log = logging.getLogger("di_router.sim")
+
+
+def serve(settings: SimSettings) -> None:
+    role = settings.role
+    kv = settings.kv_config
+    detail = f", kv {kv.kv_ip}:{kv.kv_port}" if kv is not None and role != "baseline" else ""
+    log.info(
+        "simulated vLLM %s server for %s (%d slots%s)",
+        role,
+        settings.model_name,
+        settings.max_num_seqs,
+        detail,
+    )
+
+    def ready() -> None:
+        # vLLM's own ready line, which launch scripts and the tutorial wait for.
+        print(
+            f"INFO:     Uvicorn running on http://{settings.host}:{settings.port} "
+            "(Press CTRL+C to quit)",
+            flush=True,
+        )
+
+    run(create_app(settings), hypercorn_config(settings.host, settings.port), on_bound=ready)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+    settings, warnings = parse_settings(argv)
+    for warning in warnings:
+        log.warning(warning)
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Everything one simulated server needs to know, resolved from the CLI and environment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from di_router.kv_config import KVTransferConfig
+from di_router.sim.engine import Role
+from di_router.sim.profiles import PROFILES, TimingProfile
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    model: str = "llama-3.3-70b"
+    served_model_names: tuple[str, ...] = ()
+    max_num_seqs: int = 256
+    max_model_len: int = 8192
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    kv_config: KVTransferConfig | None = None
+    profile: TimingProfile = PROFILES["instant"]
+    kv_timeout_s: float = 30.0
+    kv_entry_ttl_s: float = 0.0
+    eos_probability: float = 0.0
+
+    @property
+    def role(self) -> Role:
+        kv = self.kv_config
+        if kv is None or not kv.is_kv_transfer_instance or kv.kv_role == "kv_both":
+            return Role.BASELINE
+        return Role.PREFILL if kv.is_kv_producer else Role.DECODE
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0] if self.served_model_names else self.model

@@ -1,0 +1,1 @@
+"""The OpenAI/vLLM wire format shared by the router and the simulator."""
