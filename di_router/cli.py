@@ -30,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Subcommands that wrap another program (e.g. `sim`) take its flags after their own.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough_ok", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.passthrough = extra
     return int(args.func(args) or 0)
 
 
