@@ -1,0 +1,41 @@
+"""One access line per request, as text (key=value) or JSON lines."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from di_router.router.trace import RequestTrace
+
+log = logging.getLogger("di_router.access")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def access_record(trace: RequestTrace) -> dict[str, object]:
+    return {
+        "router_id": trace.router_id,
+        "client_request_id": trace.client_request_id,
+        "endpoint": trace.endpoint,
+        "stream": trace.stream,
+        "status": trace.status,
+        "prompt_tokens": trace.prompt_tokens,
+        "completion_tokens": trace.completion_tokens,
+        "ttft_ms": _ms(trace.ttft),
+        "prefill_ms": _ms(trace.prefill_latency),
+        "handoff_ms": _ms(trace.kv_handoff),
+        "total_ms": _ms(trace.e2e),
+        "outcome": str(trace.outcome),
+        "error": f"{trace.error_role}:{trace.error_type}" if trace.error_role else None,
+    }
+
+
+def write_access_line(trace: RequestTrace, json_lines: bool) -> None:
+    record = access_record(trace)
+    if json_lines:
+        log.info(orjson.dumps(record).decode())
+    else:
+        log.info(" ".join(f"{k}={'-' if v is None else v}" for k, v in record.items()))

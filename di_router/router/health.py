@@ -1,0 +1,71 @@
+"""Background health polling: readiness and `di_router_backend_up`, never on the request path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+
+from di_router.router.backends import Backend, BackendPool
+from di_router.router.metrics import RouterMetrics
+
+log = logging.getLogger("di_router.health")
+
+
+class HealthMonitor:
+    def __init__(
+        self, pools: list[BackendPool], metrics: RouterMetrics, interval: float, timeout: float
+    ) -> None:
+        self._pools = pools
+        self._metrics = metrics
+        self._interval = interval
+        self._timeout = timeout
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="di-router-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def poll_once(self) -> None:
+        backends = [b for pool in self._pools for b in pool.backends]
+        await asyncio.gather(*(self._check(b) for b in backends))
+
+    async def _run(self) -> None:
+        while True:
+            await self.poll_once()
+            await asyncio.sleep(self._interval)
+
+    async def _check(self, backend: Backend) -> None:
+        try:
+            response = await backend.client.get("/health", timeout=self._timeout)
+            healthy = response.status_code == 200
+            if healthy and backend.role == "decode" and not backend.model_names:
+                models = await backend.client.get("/v1/models", timeout=self._timeout)
+                if models.status_code == 200:
+                    backend.model_names = tuple(m["id"] for m in models.json().get("data", []))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            healthy = False
+        if healthy != backend.healthy:
+            log.log(
+                logging.INFO if healthy else logging.WARNING,
+                "%s server %s is %s",
+                backend.role,
+                backend.url,
+                "up" if healthy else "DOWN",
+            )
+        backend.healthy = healthy
+        self._metrics.backend_up.labels(backend.role, backend.url).set(1 if healthy else 0)
+
+    def readiness(self) -> tuple[bool, dict[str, dict[str, str]]]:
+        report = {
+            pool.role: {b.url: "up" if b.healthy else "down" for b in pool.backends}
+            for pool in self._pools
+        }
+        return all(pool.any_healthy for pool in self._pools), report
