@@ -107,8 +107,8 @@ def start_sim(
 def start_router(prefill: Proc, decode: Proc, extra: Sequence[str] = (),
                  env: dict[str, str] | None = None) -> Proc:
     port = free_port()
-    p_host, p_port = prefill.url.rsplit(":", 1)
-    d_host, d_port = decode.url.rsplit(":", 1)
+    p_port = prefill.url.rsplit(":", 1)[1]
+    d_port = decode.url.rsplit(":", 1)[1]
     argv = [sys.executable, "-m", "di_router.router.cli",
             "--prefill-ip", "127.0.0.1", "--prefill-port", p_port,
             "--decode-ip", "127.0.0.1", "--decode-port", d_port,

@@ -11,8 +11,8 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import orjson
 from quart import Response, request
@@ -29,6 +29,7 @@ from di_router.wire.errors import error_body, stream_error_payload
 from di_router.wire.sse import DONE_EVENT, SSE_CONTENT_TYPE, encode_event
 
 FORWARDED_HEADERS = ("traceparent", "tracestate")
+T = TypeVar("T")
 
 
 def json_response(body: Any, status: int = 200, request_id: str | None = None) -> Response:
@@ -181,7 +182,7 @@ class Proxy:
     ) -> Response:
         trace = exchange.trace
         async with self._bounded_prefill(prefill):
-            prefill_body = await prefill.json()
+            prefill_body = await _unless_failed(decode, prefill.json())
         trace.prefill_done = time.perf_counter()
         body = await decode.json()
         await exchange.aclose()
@@ -214,7 +215,7 @@ class Proxy:
         # error on either leg still reaches the client with its own status.
         async with self._bounded_prefill(prefill):
             try:
-                first = await anext(prefill_events)
+                first = await _unless_failed(decode, anext(prefill_events))
             except StopAsyncIteration:
                 raise UpstreamError.make(
                     "prefill", 502, "stream_cut", "prefill server ended its stream without a token"
@@ -261,6 +262,27 @@ class Proxy:
         finally:
             await exchange.aclose()
             exchange.finish(status, outcome, error)
+
+
+async def _unless_failed(decode: Leg, step: Awaitable[T]) -> T:
+    """Await a prefill step, unless the decode leg fails first: then raise decode's error now.
+
+    A decode leg that is refused, rejected (4xx) or times out before prefill finishes makes the
+    prefill result useless; waiting for it would delay the answer and, on a KV producer, pin a
+    KV entry that no consumer will ever pull. The caller's cleanup closes the prefill leg.
+    """
+    task = asyncio.ensure_future(step)
+    watch = asyncio.ensure_future(decode.settled())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await decode.response()  # raises UpstreamError if decode failed; else keep waiting
+        return await task
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.wait((task,))
 
 
 @contextlib.asynccontextmanager

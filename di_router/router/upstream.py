@@ -112,6 +112,10 @@ class Leg:
             )
         return response
 
+    async def settled(self) -> None:
+        """Wait until the headers are in or the request failed; never consumes nor cancels it."""
+        await asyncio.wait({self._task})
+
     async def json(self) -> dict[str, Any]:
         response = await self.response()
         try:

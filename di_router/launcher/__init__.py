@@ -1,0 +1,1 @@
+"""Launchers that replace the Neuron DI tutorial's copy-pasted shell scripts."""

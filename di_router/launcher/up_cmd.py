@@ -1,0 +1,243 @@
+"""`di-router up`: prefill, decode and router on one host, what the tutorial did in three terminals.
+
+The supervisor is all-or-nothing: a half-started DI pair blocks in its KV handshake and a router
+without both servers fails every request, so any child dying, a health wait running out or a
+signal stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import httpx
+
+from di_router.launcher.ports import ensure_ports_free
+from di_router.launcher.serve_cmd import SERVE_OPTIONS
+from di_router.launcher.server_plan import LOOPBACK, peer_ips, plan_server
+from di_router.launcher.settings import LaunchError, Settings, add_options, run
+
+ROUTER_MODULE = "di_router.router.cli"
+UP_OPTIONS = (
+    *(name for name in SERVE_OPTIONS if name not in ("baseline_port", "host")),
+    "router_port",
+    "ready_timeout",
+)
+DEFAULT_READY_TIMEOUT = {"sim": 60.0, "vllm": 1800.0}
+"""A 70B model takes minutes to load on Trainium; the simulator takes seconds."""
+STOP_GRACE_S = 10.0
+HEALTH_POLL_INTERVAL_S = 0.2
+LINE_LIMIT = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int
+    listen_ports: dict[str, int]
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}/health"
+
+
+def child_specs(settings: Settings) -> list[ChildSpec]:
+    """Prefill, decode, then the router, all bound to loopback."""
+    if not settings.single_instance:
+        raise LaunchError(
+            "--topology multi-instance: `up` starts everything on this host; on two hosts run "
+            "`di-router serve prefill` and `di-router serve decode` on each, then "
+            "`neuron-proxy-server` on the prefill host"
+        )
+    settings = replace(settings, host=LOOPBACK)
+    specs = [
+        ChildSpec(role, plan.argv, plan.env, plan.port, plan.listen_ports)
+        for role in ("prefill", "decode")
+        for plan in [plan_server(role, settings)]
+    ]
+    prefill_ip, decode_ip = peer_ips(settings)
+    router_argv = [
+        sys.executable,
+        "-m",
+        ROUTER_MODULE,
+        "--prefill-ip", prefill_ip,
+        "--decode-ip", decode_ip,
+        "--prefill-port", str(settings.prefill_port),
+        "--decode-port", str(settings.decode_port),
+        "--host", LOOPBACK,
+        "--port", str(settings.router_port),
+    ]  # fmt: skip
+    router_port = settings.router_port
+    return [
+        *specs,
+        ChildSpec("router", router_argv, {}, router_port, {"--router-port": router_port}),
+    ]
+
+
+def log(message: str, name: str = "up") -> None:
+    sys.stdout.write(f"[{name}] {message}\n")
+    sys.stdout.flush()
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        specs: list[ChildSpec],
+        ready_timeout: float,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
+        self.specs = specs
+        self.ready_timeout = ready_timeout
+        self.on_ready = on_ready
+        self.children: dict[str, asyncio.subprocess.Process] = {}
+        self.pumps: list[asyncio.Task[None]] = []
+        self.healthy: set[str] = set()
+        self.stop = asyncio.Event()
+        self.stop_signal: str | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._request_stop, sig)
+        try:
+            # Prefill and decode handshake with each other, so they must start together.
+            for group in (self.specs[:2], self.specs[2:]):
+                for spec in group:
+                    await self._start(spec)
+                status = await self._until(self._all_healthy(group), group)
+                if status is not None:
+                    return status
+            log(f"ready: send requests to http://{LOOPBACK}:{self.specs[-1].port}/v1/completions")
+            if self.on_ready is not None:
+                self.on_ready()
+            status = await self._until(None, [])
+            assert status is not None  # without a goal, only a child exit or a signal ends it
+            return status
+        finally:
+            await self._stop_all()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _request_stop(self, sig: signal.Signals) -> None:
+        self.stop_signal = sig.name
+        self.stop.set()
+
+    async def _start(self, spec: ChildSpec) -> None:
+        process = await asyncio.create_subprocess_exec(
+            *spec.argv,
+            env={**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"},
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # our own Ctrl-C handling decides the stop order
+            limit=LINE_LIMIT,
+        )
+        self.children[spec.name] = process
+        self.pumps.append(asyncio.create_task(self._pump(spec.name, process)))
+        log(f"started {spec.name} (pid {process.pid}): {shlex.join(spec.argv)}")
+
+    async def _pump(self, name: str, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        async for line in process.stdout:
+            log(line.decode(errors="replace").rstrip("\r\n"), name)
+
+    async def _all_healthy(self, group: list[ChildSpec]) -> None:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            await asyncio.gather(*(self._healthy(spec, client) for spec in group))
+
+    async def _healthy(self, spec: ChildSpec, client: httpx.AsyncClient) -> None:
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get(spec.health_url)).status_code == 200:
+                    self.healthy.add(spec.name)
+                    log(f"{spec.name} is healthy ({spec.health_url})")
+                    return
+            await asyncio.sleep(HEALTH_POLL_INTERVAL_S)
+
+    async def _until(self, goal: Awaitable[None] | None, group: list[ChildSpec]) -> int | None:
+        """Wait for `goal` (forever when None); None when it completes, else up's exit status."""
+        exits = {asyncio.ensure_future(p.wait()): name for name, p in self.children.items()}
+        stopped = asyncio.ensure_future(self.stop.wait())
+        goal_task = asyncio.ensure_future(goal) if goal is not None else None
+        waiting = [*exits, stopped, *([goal_task] if goal_task else [])]
+        timeout = self.ready_timeout if goal is not None else None
+        done, pending = await asyncio.wait(
+            waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for task, name in exits.items():
+            if task in done:
+                log(f"{name} {describe_exit(task.result())}; stopping the others")
+                return 1
+        if stopped in done:
+            log(f"received {self.stop_signal}; stopping")
+            return 0
+        if goal_task in done:
+            goal_task.result()
+            return None
+        late = [f"{s.name} ({s.health_url})" for s in group if s.name not in self.healthy]
+        log(
+            f"{', '.join(late)} did not become healthy within {self.ready_timeout:g} s "
+            "(--ready-timeout); see its log lines above. Stopping everything"
+        )
+        return 1
+
+    async def _stop_all(self) -> None:
+        """SIGTERM every child's process group (vLLM spawns workers), SIGKILL stragglers."""
+        for process in self.children.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for name, process in self.children.items():
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                log(f"{name} ignored SIGTERM for {STOP_GRACE_S:g} s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+        if self.pumps:
+            await asyncio.wait(self.pumps, timeout=STOP_GRACE_S)
+
+
+def up(
+    args: argparse.Namespace, settings: Settings, on_ready: Callable[[], None] | None = None
+) -> int:
+    specs = child_specs(settings)
+    ensure_ports_free({flag: port for spec in specs for flag, port in spec.listen_ports.items()})
+    timeout = settings.ready_timeout or DEFAULT_READY_TIMEOUT[settings.engine]
+    return asyncio.run(Supervisor(specs, timeout, on_ready).run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """`up`'s options alone, for commands (like `demo`) that start the stack themselves."""
+    parser = argparse.ArgumentParser(prog="di-router up")
+    add_options(parser, UP_OPTIONS)
+    return parser
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="start prefill, decode and the router together (single instance)",
+        description="Start prefill, decode and the router, wait until each is healthy, prefix "
+        "their log lines, and stop all of them on Ctrl-C/SIGTERM or when one dies.",
+    )
+    add_options(parser, UP_OPTIONS)
+    parser.set_defaults(func=run("up", up))

@@ -1,0 +1,1 @@
+"""Tests of the launchers (compile, serve, up, doctor)."""

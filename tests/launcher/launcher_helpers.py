@@ -1,0 +1,89 @@
+"""Shared helpers for the launcher tests: the CLI as `di-router` wires it, ports, waits."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import httpx
+
+from di_router.launcher import compile_cmd, doctor, serve_cmd, up_cmd
+from di_router.launcher.settings import Settings, resolve
+from tests.support import free_port, wait_until  # noqa: F401  (re-exported for the tests)
+
+REPO = Path(__file__).resolve().parents[2]
+MODULES = (compile_cmd, serve_cmd, up_cmd, doctor)
+
+# The launcher subcommands exactly as `di-router` wires them, without the umbrella CLI's
+# other subcommands, so these tests depend only on the launcher.
+LAUNCHER_MAIN = """
+import argparse, sys
+from di_router.launcher import compile_cmd, doctor, serve_cmd, up_cmd
+parser = argparse.ArgumentParser(prog="di-router")
+sub = parser.add_subparsers(dest="command", required=True)
+for module in (compile_cmd, serve_cmd, up_cmd, doctor):
+    module.add_parser(sub)
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="di-router")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in MODULES:
+        module.add_parser(sub)
+    return parser
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tuple:
+    """(args, Settings) for a command line, with an explicit environment (default: none)."""
+    args = build_parser().parse_args(list(argv))
+    return args, resolve(args, {} if environ is None else environ)
+
+
+def settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Settings:
+    return parse(argv, environ)[1]
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The test process's environment minus DI_ROUTER_* so only each test's settings apply."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DI_ROUTER_")}
+    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env | extra
+
+
+def launcher_argv(*argv: str) -> list[str]:
+    return [sys.executable, "-c", LAUNCHER_MAIN, *argv]
+
+
+def run_launcher(*argv: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        launcher_argv(*argv),
+        env=launcher_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as dead: it no longer holds ports or cores)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
