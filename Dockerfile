@@ -19,7 +19,7 @@ USER router
 WORKDIR /home/router
 
 EXPOSE 8000
-# slim has no curl. The router answers /health with 200 once both servers are reachable; the
+# slim has no curl. /health is liveness (200 while the router serves; /ready checks backends); the
 # port follows DI_ROUTER_PORT (the router reads DI_ROUTER_<FLAG> too), so `-e` changes both.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['DI_ROUTER_PORT'] + '/health', timeout=2)"]
