@@ -1,0 +1,1 @@
+"""Benchmark harness: an llmperf-style load generator and programmatic sim/router stacks."""

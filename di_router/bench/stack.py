@@ -1,0 +1,257 @@
+"""Start simulator servers and the router as real subprocesses on free loopback ports.
+
+Benchmarks and tests need the exact processes a user runs (`python -m di_router.sim.api_server`,
+`python -m di_router.router.cli`), not in-process apps, so that the measured cost includes the
+real HTTP stack and the router's own process can be inspected (RSS, CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from di_router.sim.cli import role_argv
+
+MODEL = "llama-3.3-70b"
+HOST = "127.0.0.1"
+READY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+
+
+class StackError(RuntimeError):
+    """A server of the stack exited or never became ready; the message holds its log tail."""
+
+
+def free_port() -> int:
+    """A port the kernel just handed out; tiny race until the server binds it, fine on loopback."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """One running server process; `log_path` keeps its stdout and stderr."""
+
+    name: str
+    url: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class Stack:
+    """What a client needs: `url` to send requests to, plus every server behind it by name."""
+
+    url: str
+    servers: dict[str, Server] = field(default_factory=dict)
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {name: server.url for name, server in self.servers.items()}
+
+    @property
+    def router(self) -> Server | None:
+        return self.servers.get("router")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (VmRSS in /proc/<pid>/status), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a live process has used so far (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sim_argv(
+    role: str, port: int, kv_port: int, profile: str, batch: int, extra: Sequence[str] = ()
+) -> list[str]:
+    """The simulator's command line for one role, built like the launcher builds it."""
+    return [
+        sys.executable,
+        "-m",
+        "di_router.sim.api_server",
+        "--model",
+        MODEL,
+        "--host",
+        HOST,
+        "--sim-profile",
+        profile,
+        "--max-num-seqs",
+        str(batch),
+        *role_argv(role, port, HOST, kv_port),
+        *extra,
+    ]
+
+
+def router_argv(
+    port: int, prefill_port: int, decode_port: int, extra: Sequence[str] = ()
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "di_router.router.cli",
+        "--prefill-ip",
+        HOST,
+        "--prefill-port",
+        str(prefill_port),
+        "--decode-ip",
+        HOST,
+        "--decode-port",
+        str(decode_port),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        *extra,
+    ]
+
+
+def _stop(server: Server) -> None:
+    """SIGTERM the process group (graceful shutdown), SIGKILL if it does not exit in time."""
+    if server.popen.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.popen.pid, signal.SIGTERM)
+        try:
+            server.popen.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.popen.pid, signal.SIGKILL)
+            server.popen.wait(STOP_TIMEOUT_S)
+
+
+class _Group:
+    """Servers started one by one into a shared log directory and stopped together."""
+
+    def __init__(self) -> None:
+        self.log_dir = Path(tempfile.mkdtemp(prefix="di-router-bench-"))
+        self.servers: dict[str, Server] = {}
+
+    def start(self, name: str, argv: Sequence[str], url: str) -> Server:
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            # Own session: stopping the group also stops anything the server spawned.
+            popen = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.servers[name] = server = Server(name, url, popen, log_path)
+        return server
+
+
+@contextlib.contextmanager
+def _group() -> Iterator[_Group]:
+    """Always stop every server (in reverse start order); keep the logs only on failure."""
+    group = _Group()
+    failed = False
+    try:
+        yield group
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        for server in reversed(list(group.servers.values())):
+            _stop(server)
+        if not failed:
+            shutil.rmtree(group.log_dir, ignore_errors=True)
+
+
+def wait_ready(servers: Sequence[Server], path: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Bounded poll until every server answers 200 on `path`; fail fast if one exits."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(servers)
+    with httpx.Client(timeout=1.0) as client:
+        while pending:
+            for server in list(pending):
+                if server.popen.poll() is not None:
+                    raise StackError(
+                        f"{server.name} exited with {server.popen.returncode}:\n"
+                        + server.log_tail()
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(server.url + path).status_code == 200:
+                        pending.remove(server)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                names = ", ".join(f"{s.name} ({s.url}{path})" for s in pending)
+                tails = "\n".join(f"--- {s.name}\n{s.log_tail(1500)}" for s in pending)
+                raise StackError(f"not ready after {timeout_s}s: {names}\n{tails}")
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def baseline(
+    profile: str = "instant",
+    batch: int = 256,
+    sim_args: Sequence[str] = (),
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[Stack]:
+    """One colocated (non-DI) simulator: the direct path a DI deployment is compared with."""
+    port = free_port()
+    url = f"http://{HOST}:{port}"
+    with _group() as group:
+        server = group.start(
+            "baseline", sim_argv("baseline", port, free_port(), profile, batch, sim_args), url
+        )
+        wait_ready([server], "/health", ready_timeout_s)
+        yield Stack(url, dict(group.servers))
+
+
+@contextlib.contextmanager
+def di(
+    profile: str = "instant",
+    batch: int = 256,
+    sim_args: Sequence[str] = (),
+    router_args: Sequence[str] = (),
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[Stack]:
+    """1P1D: prefill + decode simulators sharing a KV port, and the router in front of them.
+
+    The router starts once both backends are healthy and counts as ready when its `/ready` is
+    200 (it has seen both backends healthy itself), so no request races its health monitor.
+    """
+    kv_port, p_port, d_port, r_port = (free_port() for _ in range(4))
+    with _group() as group:
+        backends = [
+            group.start(
+                role,
+                sim_argv(role, port, kv_port, profile, batch, sim_args),
+                f"http://{HOST}:{port}",
+            )
+            for role, port in (("prefill", p_port), ("decode", d_port))
+        ]
+        wait_ready(backends, "/health", ready_timeout_s)
+        router = group.start(
+            "router", router_argv(r_port, p_port, d_port, router_args), f"http://{HOST}:{r_port}"
+        )
+        wait_ready([router], "/ready", ready_timeout_s)
+        yield Stack(router.url, dict(group.servers))
