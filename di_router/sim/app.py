@@ -35,6 +35,12 @@ def error_response(status: int, message: str, param: str | None = None) -> Respo
     return json_response(error_body(status, message, param), status)
 
 
+def _fail_request(engine: Engine, seqs: list[Sequence]) -> None:
+    """One sequence failed: the request fails, its siblings stop (not a client abort)."""
+    for seq in seqs:
+        engine.abort(seq, client_gone=False)
+
+
 class SimServer:
     """State of one simulated vLLM server; owns the engine and, for a producer, the KV port."""
 
@@ -230,13 +236,14 @@ async def _generate(server: SimServer, chat: bool) -> Response:
         return error_response(400, f"Invalid JSON body: {exc}")
     try:
         parsed = parse_request(
-            payload, chat, settings.max_model_len, producer=settings.role is Role.PREFILL
+            payload,
+            chat,
+            settings.max_model_len,
+            producer=settings.role is Role.PREFILL,
+            served_models=settings.served_model_names or (settings.model,),
         )
     except RequestError as exc:
         return error_response(exc.status, exc.message, exc.param)
-    valid_names = settings.served_model_names or (settings.model,)
-    if parsed.body.model not in valid_names:
-        return error_response(404, f"The model `{parsed.body.model}` does not exist.", "model")
 
     base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
     head = ResponseHead(
@@ -265,18 +272,21 @@ async def _generate(server: SimServer, chat: bool) -> Response:
         response.timeout = None
         return response
     try:
-        return await _collect(seqs, head, parsed)
+        return await _collect(engine, seqs, head, parsed)
     finally:
         for seq in seqs:
             engine.abort(seq)
 
 
-async def _collect(seqs: list[Sequence], head: ResponseHead, parsed: ParsedRequest) -> Response:
+async def _collect(
+    engine: Engine, seqs: list[Sequence], head: ResponseHead, parsed: ParsedRequest
+) -> Response:
     finish: dict[int, tuple[str, str | int | None]] = {}
     outputs = seqs[0].outputs
     while len(finish) < len(seqs):
         index, out = await outputs.get()
         if isinstance(out, SequenceError):
+            _fail_request(engine, seqs)
             return error_response(out.status, out.message)
         if out.finish_reason is not None:
             finish[index] = (out.finish_reason, out.stop_reason)
@@ -306,6 +316,7 @@ async def _stream(
         while done < len(seqs):
             index, out = await outputs.get()
             if isinstance(out, SequenceError):
+                _fail_request(engine, seqs)
                 yield encode_event(orjson.dumps(stream_error_payload(out.status, out.message)))
                 break
             seq = seqs[index]

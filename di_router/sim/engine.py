@@ -79,12 +79,16 @@ class Engine:
         self._admit()
         self._wake.set()
 
-    def abort(self, seq: Sequence) -> None:
-        """The client went away: drop the sequence wherever it is and free what it holds."""
+    def abort(self, seq: Sequence, client_gone: bool = True) -> None:
+        """Drop the sequence wherever it is and free what it holds.
+
+        `client_gone` counts it in `aborted`; a sibling cancelled because another sequence of
+        the same request failed (a KV pull timeout) is not a client abort.
+        """
         if seq.finished or seq.aborted:
             return
         seq.aborted = True
-        self.aborted += 1
+        self.aborted += client_gone
         self._arrival.pop(seq, None)
         if seq in self.waiting:
             self.waiting.remove(seq)
@@ -157,6 +161,7 @@ class Engine:
             await asyncio.sleep(self.profile.kv_transfer_seconds(num_tokens))
         except KVPullTimeoutError:
             self.transferring.pop(seq, None)
+            self._arrival.pop(seq, None)
             self.metrics.kv_pull_timeouts.inc()
             seq.finished = True
             message = (

@@ -87,7 +87,14 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return f"{param}: {err['msg']}" if param else err["msg"], param
 
 
-def parse_request(payload: Any, chat: bool, max_model_len: int, producer: bool) -> ParsedRequest:
+def parse_request(
+    payload: Any,
+    chat: bool,
+    max_model_len: int,
+    producer: bool,
+    served_models: tuple[str, ...] = (),
+) -> ParsedRequest:
+    """Schema errors (400), then an unknown model (404), then the semantic checks, as vLLM."""
     model_cls = ChatCompletionRequest if chat else CompletionRequest
     if not isinstance(payload, dict):
         raise RequestError(400, "The request body must be a JSON object.")
@@ -96,6 +103,8 @@ def parse_request(payload: Any, chat: bool, max_model_len: int, producer: bool) 
     except ValidationError as exc:
         message, param = _validation_message(exc)
         raise RequestError(400, message, param) from None
+    if served_models and body.model not in served_models:
+        raise RequestError(404, f"The model `{body.model}` does not exist.", "model")
 
     prompts = _chat_prompt(body) if chat else _completion_prompts(body)  # type: ignore[arg-type]
     _check_unsupported(body)

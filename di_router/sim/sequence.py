@@ -94,7 +94,9 @@ class Sequence:
             if token_id == EOS_TOKEN_ID and not params.ignore_eos:
                 finish = "stop"
             elif token_id in params.stop_token_ids:
+                # vLLM's StopChecker drops a stop token's text unless asked to keep it.
                 finish, stop_reason = "stop", token_id
+                delta = delta if params.include_stop_str_in_output else ""
             elif params.stop:
                 delta, stop_reason = self._truncate_at_stop(delta)
                 finish = "stop" if stop_reason is not None else None

@@ -1,0 +1,183 @@
+"""Shared servers and client helpers of the simulator tests (real processes, real sockets)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.sse_strict import assemble, check_chunks, parse_sse
+from tests.support import MODEL, Proc, free_port, kv_config, running, start_sim
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+
+def sim_proc(
+    name: str,
+    args: Sequence[str],
+    env: dict[str, str] | None = None,
+    module: str = "di_router.sim.api_server",
+) -> Proc:
+    """A simulator started with exactly `args` (plus a free `--port` unless one is given)."""
+    argv = list(args)
+    if "--port" not in argv:
+        argv += ["--port", str(free_port())]
+    port = argv[argv.index("--port") + 1]
+    return Proc(name, [sys.executable, "-m", module, *argv], f"http://127.0.0.1:{port}", env)
+
+
+def start_pair(
+    prefill_extra: Sequence[str] = (), decode_extra: Sequence[str] = (), profile: str = "instant"
+) -> tuple[Proc, Proc]:
+    kv_port = free_port()
+    return (
+        start_sim("prefill", kv_port=kv_port, profile=profile, extra=prefill_extra),
+        start_sim("decode", kv_port=kv_port, profile=profile, extra=decode_extra),
+    )
+
+
+@pytest.fixture(scope="session")
+def trio() -> Iterator[tuple[Proc, Proc, Proc]]:
+    """baseline, prefill, decode on the instant profile; other tests count by deltas."""
+    prefill, decode = start_pair(decode_extra=["--sim-kv-timeout", "1"])
+    with running(start_sim("baseline"), prefill, decode) as procs:
+        yield procs  # type: ignore[misc]
+
+
+# -- requests ------------------------------------------------------------------------------------
+def completion_body(prompt: str | list[str], max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def chat_body(content: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def post(proc: Proc, path: str, body: dict[str, Any], rid: str | None = None) -> httpx.Response:
+    headers = {"X-Request-Id": rid} if rid else {}
+    return httpx.post(proc.url + path, json=body, headers=headers, timeout=30)
+
+
+def stream(
+    proc: Proc, path: str, body: dict[str, Any], rid: str | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Strictly parsed chunks and the assembled result of a streaming request."""
+    resp = post(proc, path, {**body, "stream": True}, rid)
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"] == "text/event-stream; charset=utf-8"
+    chunks = parse_sse(resp.content)
+    chat = path == CHAT
+    check_chunks(chunks, chat)
+    return chunks, assemble(chunks, chat)
+
+
+def texts(resp: httpx.Response) -> list[str]:
+    """Generated text per choice of a non-streaming response."""
+    assert resp.status_code == 200, resp.text
+    return [
+        c["message"]["content"] if "message" in c else c["text"] for c in resp.json()["choices"]
+    ]
+
+
+def paired(
+    prefill: Proc, decode: Proc, path: str, body: dict[str, Any], rid: str
+) -> tuple[httpx.Response, httpx.Response]:
+    """Prefill (max_tokens=1) and decode of one request sent concurrently with one X-Request-Id."""
+    one = {**body, "max_tokens": 1}
+    one.pop("max_completion_tokens", None)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        d = pool.submit(post, decode, path, body, rid)
+        p = pool.submit(post, prefill, path, one, rid)
+        return p.result(), d.result()
+
+
+def timed_events(
+    proc: Proc, path: str, body: dict[str, Any], rid: str | None = None, on_event: Any = None
+) -> tuple[float, list[float], bytes]:
+    """(send time, client-clock arrival time of every SSE event, raw body) of one stream.
+
+    `on_event(n)` is called after the n-th event (1-based) arrives, e.g. to start other load.
+    """
+    headers = {"X-Request-Id": rid} if rid else {}
+    arrivals: list[float] = []
+    raw = b""
+    with httpx.Client(timeout=30) as client:
+        sent = time.monotonic()
+        with client.stream(
+            "POST", proc.url + path, json={**body, "stream": True}, headers=headers
+        ) as resp:
+            assert resp.status_code == 200
+            for data in resp.iter_raw():
+                now = time.monotonic()
+                raw += data
+                while raw.count(b"\n\n") > len(arrivals):
+                    arrivals.append(now)
+                    if on_event is not None:
+                        on_event(len(arrivals))
+    return sent, arrivals, raw
+
+
+# -- observation ---------------------------------------------------------------------------------
+def metrics(proc: Proc) -> dict[str, float]:
+    """Every sample of /metrics by name (labels dropped: one model per server)."""
+    text = httpx.get(proc.url + "/metrics", timeout=5).text
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if "le" not in sample.labels
+    }
+
+
+def first_eos_prompt(eos_probability: float, chat: bool = False) -> str:
+    """The first prompt (or chat message) scanned deterministically whose greedy token is EOS."""
+    from di_router.sim.sequence import SamplingParams
+    from di_router.sim.sequence import Sequence as SimSequence
+    from di_router.sim.tokenizer import EOS_TOKEN_ID, prompt_key, render_chat
+
+    for i in range(1000):
+        prompt = f"eos probe {i}"
+        rendered = render_chat([{"role": "user", "content": prompt}], True) if chat else prompt
+        seq = SimSequence(
+            engine_id="probe",
+            index=0,
+            prompt_tokens=1,
+            prompt_key=prompt_key(rendered),
+            params=SamplingParams(max_tokens=8, temperature=0),
+            eos_probability=eos_probability,
+        )
+        if seq.sample() == EOS_TOKEN_ID:
+            return prompt
+    raise AssertionError("no prompt with EOS as its first token")
+
+
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "MODEL",
+    "chat_body",
+    "completion_body",
+    "first_eos_prompt",
+    "kv_config",
+    "metrics",
+    "paired",
+    "post",
+    "sim_proc",
+    "start_pair",
+    "stream",
+    "texts",
+    "timed_events",
+]
