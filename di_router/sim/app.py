@@ -311,6 +311,8 @@ async def _stream(
 ) -> AsyncIterator[bytes]:
     outputs = seqs[0].outputs
     prompt_tokens = sum(s.prompt_tokens for s in seqs)
+    # Count what was sent, not what was generated: the engine may already be tokens ahead.
+    sent = [0] * len(seqs)
     done = 0
     try:
         while done < len(seqs):
@@ -319,15 +321,15 @@ async def _stream(
                 _fail_request(engine, seqs)
                 yield encode_event(orjson.dumps(stream_error_payload(out.status, out.message)))
                 break
-            seq = seqs[index]
+            sent[index] += 1
+            first = sent[index] == 1
             running_usage = None
             if parsed.continuous_usage:
-                generated = sum(len(s.generated) for s in seqs)
-                running_usage = usage(prompt_tokens, generated, details=False)
-            if head.chat and len(seq.generated) == 1:
+                running_usage = usage(prompt_tokens, sum(sent), details=False)
+            if head.chat and first:
                 role_usage = usage(prompt_tokens, 0, details=False) if running_usage else None
                 yield encode_event(orjson.dumps(head.chunk([head.role_choice(index)], role_usage)))
-            text = (_echo(parsed, seq) if len(seq.generated) == 1 else "") + out.text
+            text = (_echo(parsed, seqs[index]) if first else "") + out.text
             choice = head.token_choice(index, text, out.finish_reason, out.stop_reason)
             yield encode_event(orjson.dumps(head.chunk([choice], running_usage)))
             done += out.finish_reason is not None
