@@ -16,6 +16,7 @@ from di_router.router.health import HealthMonitor
 from di_router.router.metrics import RouterMetrics
 from di_router.router.proxy import Proxy, json_response
 from di_router.router.strategy import NeuronFirstToken
+from di_router.router.upstream import normalise_error_body
 from di_router.wire.errors import error_body
 
 CONFIG_ENV = "DI_ROUTER_CONFIG_JSON"
@@ -76,6 +77,9 @@ def create_app(config: RouterConfig) -> Quart:
             return json_response(
                 error_body(502, f"decode server {backend.url} did not list models: {exc!r}"), 502
             )
+        if upstream.status_code != 200:  # e.g. vLLM's 401 `{"error": "Unauthorized"}`
+            status = upstream.status_code
+            return json_response(normalise_error_body(status, upstream.content), status)
         return Response(
             upstream.content, status=upstream.status_code, content_type="application/json"
         )

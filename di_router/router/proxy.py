@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import orjson
 from quart import Response, request
+from werkzeug.exceptions import HTTPException
 
 from di_router.router.access_log import write_access_line
 from di_router.router.backends import BackendPool
@@ -152,7 +153,13 @@ class Proxy:
             raise
 
     async def _respond(self, exchange: Exchange, path: str, chat: bool) -> Response:
-        raw = await request.get_data()
+        try:
+            raw = await request.get_data()
+        except HTTPException as exc:
+            # Body too large (413) or too slow (408): the app's error handler answers it; count
+            # it as the client's error, not as a client that went away.
+            exchange.finish(exc.code or 400, Outcome.CLIENT_ERROR)
+            raise
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:

@@ -41,7 +41,7 @@ class UpstreamError(Exception):
         return str(inner.get("message", inner)) if isinstance(inner, dict) else str(inner)
 
 
-def _normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
+def normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
     """Keep an OpenAI-format error body as is; wrap anything else so clients can parse it."""
     try:
         body = orjson.loads(raw)
@@ -106,7 +106,7 @@ class Leg:
                 raw = b""
             finally:
                 await response.aclose()
-            body = _normalise_error_body(response.status_code, raw[:_ERROR_BODY_LIMIT])
+            body = normalise_error_body(response.status_code, raw[:_ERROR_BODY_LIMIT])
             raise UpstreamError(
                 self.role, response.status_code, f"http_{response.status_code}", body
             )

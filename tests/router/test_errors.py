@@ -1,0 +1,344 @@
+"""Issue 3, point 7: errors are honest, and no path hangs.
+
+Each test asserts what the client gets, what the simulators saw (their counters) and that no
+request is left in flight (router gauge 0, sim slots free or accounted for by a pinned KV entry).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.router.conftest import (
+    in_flight,
+    is_openai_error,
+    make_stack,
+    metric,
+    wait_idle,
+)
+from tests.sse_strict import parse_sse
+from tests.support import MODEL, sim_stats, wait_until
+
+CONNECT_TIMEOUT = 1.0
+
+
+def completion(prompt: str = "hello there", **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": 4, "temperature": 0, **extra}
+
+
+def post(url: str, body: dict[str, Any], stream: bool, timeout: float = 30) -> httpx.Response:
+    """POST and read the whole body (streamed or not)."""
+    return httpx.post(url + "/v1/completions", json={**body, "stream": stream}, timeout=timeout)
+
+
+# -- 1. upstream error before the first byte ---------------------------------------------------
+
+PREFILL_MAX_LEN, DECODE_MAX_LEN = 64, 32
+
+
+@pytest.fixture(scope="module")
+def reject():
+    """Decode has a smaller context than prefill, so some prompts only decode refuses.
+
+    Prefill takes 1 s so a decode rejection always arrives while prefill is still working.
+    """
+    with make_stack(
+        prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN), "--sim-prefill-base-ms", "1000"],
+        decode_extra=["--max-model-len", str(DECODE_MAX_LEN), "--sim-kv-timeout", "5"],
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_too_long_keeps_upstream_status_and_body(reject, stream):
+    body = completion(" ".join(["word"] * 100))
+    before = {s: sim_stats(s) for s in reject.sims}
+    got = post(reject.router.url, body, stream)
+    err = is_openai_error(got, 400)
+    assert "maximum context length" in err["message"]
+    # The body is one of the backends' own error bodies, unchanged.
+    direct = [
+        httpx.post(reject.prefill.url + "/v1/completions", json={**body, "max_tokens": 1}).json(),
+        httpx.post(reject.decode.url + "/v1/completions", json=body).json(),
+    ]
+    assert err in direct
+    stats = wait_idle(reject.router, *reject.sims)
+    for s in reject.sims:  # rejected before reaching the engine: nothing to abort
+        assert stats[s]["aborted"] == before[s]["aborted"]
+    assert stats[reject.prefill]["kv"] == before[reject.prefill]["kv"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_unknown_model_is_404(reject, stream):
+    got = post(reject.router.url, {**completion(), "model": "no-such-model"}, stream)
+    err = is_openai_error(got, 404)
+    assert "no-such-model" in err["message"]
+    assert got.headers["X-Request-Id"].startswith("cmpl-")
+    wait_idle(reject.router, *reject.sims)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_decode_only_rejection_reaches_client_and_aborts_prefill(reject, stream):
+    """Only decode refuses (its context is smaller): the client gets decode's 400 at once.
+
+    Prefill is still computing when decode's 400 arrives, so the router closes the prefill
+    leg and the prefill server aborts it: no KV entry is produced, no slot stays pinned. (Had
+    prefill finished first, its entry would stay pinned until the KV TTL -- on Neuron V0 there
+    is no way to release it -- which is why the router must not wait for prefill here.)
+    """
+    body = completion(" ".join(["word"] * 40))  # 41 tokens: 42 fit prefill, 45 not decode
+    before = sim_stats(reject.prefill)
+    start = time.monotonic()
+    got = post(reject.router.url, body, stream)
+    elapsed = time.monotonic() - start
+    err = is_openai_error(got, 400)
+    assert err == httpx.post(reject.decode.url + "/v1/completions", json=body).json()
+    assert f"maximum context length is {DECODE_MAX_LEN}" in err["message"]
+    assert elapsed < 0.8, f"the router waited {elapsed:.2f}s for prefill before answering"
+    stats = wait_idle(reject.router, *reject.sims)
+    after = stats[reject.prefill]
+    assert after["aborted"] == before["aborted"] + 1
+    assert after["kv"]["produced"] == before["kv"]["produced"]
+    assert after["kv"]["pending"] == 0 and after["slots_in_use"] == 0
+
+
+@pytest.fixture(scope="module")
+def reject_fast_prefill():
+    """As `reject`, but prefill is instant and unpulled KV entries expire after 1 s."""
+    with make_stack(
+        prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN), "--sim-kv-entry-ttl", "1"],
+        decode_extra=["--max-model-len", str(DECODE_MAX_LEN), "--sim-kv-timeout", "5"],
+    ) as s:
+        yield s
+
+
+def test_decode_only_rejection_after_prefill_finished_pins_kv_until_ttl(reject_fast_prefill):
+    """When prefill finishes before decode's 400 arrives, nothing can release its KV entry.
+
+    Neuron V0 has no API to drop an unpulled entry: it pins its slot until a consumer pulls it
+    (never, here) or, in the simulator, until `--sim-kv-entry-ttl`. The client still gets
+    decode's 400 at once, and no slot is held beyond the pinned entry.
+    """
+    s = reject_fast_prefill
+    body = completion(" ".join(["word"] * 40))
+    before = sim_stats(s.prefill)
+    got = post(s.router.url, body, stream=False)
+    err = is_openai_error(got, 400)
+    assert f"maximum context length is {DECODE_MAX_LEN}" in err["message"]
+
+    def settled() -> dict[str, Any] | None:
+        after = sim_stats(s.prefill)
+        pinned = after["kv"]["produced"] - before["kv"]["produced"]
+        aborted = after["aborted"] - before["aborted"]
+        # Instant prefill: either outcome may win the race, but exactly one happens.
+        done = pinned + aborted == 1 and after["slots_in_use"] == after["kv"]["pending"]
+        return after if done else None
+
+    after = wait_until(settled, 5, "prefill leg pinned or aborted")
+    pinned = after["kv"]["produced"] - before["kv"]["produced"]
+    expired = after["kv"]["expired"] - before["kv"]["expired"]
+    assert after["slots_in_use"] == pinned - expired  # held by the pinned entry only
+    # The TTL is the only release; afterwards nothing is held.
+    stats = wait_idle(s.router, s.prefill, s.decode, timeout=5)
+    assert stats[s.prefill]["kv"]["expired"] == before["kv"]["expired"] + pinned
+    assert stats[s.prefill]["kv"]["pulled"] == before["kv"]["pulled"]
+
+
+# -- 2. a backend that refuses connections -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dead_prefill():
+    with make_stack(
+        prefill_extra=None,
+        decode_extra=["--sim-kv-timeout", "30"],
+        router_extra=["--connect-timeout", str(CONNECT_TIMEOUT)],
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def dead_decode():
+    with make_stack(
+        prefill_extra=["--sim-prefill-base-ms", "800"],
+        decode_extra=None,
+        router_extra=["--connect-timeout", str(CONNECT_TIMEOUT)],
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_dead_prefill_is_502_and_cancels_decode(dead_prefill, stream):
+    decode = dead_prefill.decode
+    before = sim_stats(decode)
+    start = time.monotonic()
+    got = post(dead_prefill.router.url, completion(), stream)
+    elapsed = time.monotonic() - start
+    err = is_openai_error(got, 502)
+    assert elapsed < CONNECT_TIMEOUT + 2
+    assert "prefill" in err["message"] and dead_prefill.prefill.url in err["message"]
+    # The decode leg, which was waiting for its KV, was closed and aborted.
+    stats = wait_idle(dead_prefill.router, decode)
+    assert stats[decode]["aborted"] >= before["aborted"] + 1
+    assert stats[decode]["kv_pull_timeouts"] == before["kv_pull_timeouts"]
+    upstream = metric(
+        dead_prefill.router,
+        "di_router_upstream_errors_total",
+        role="prefill",
+        error_type="connect_error",
+    )
+    assert upstream >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_dead_decode_is_502_and_aborts_prefill(dead_decode, stream):
+    prefill = dead_decode.prefill
+    before = sim_stats(prefill)
+    start = time.monotonic()
+    got = post(dead_decode.router.url, completion(), stream)
+    elapsed = time.monotonic() - start
+    err = is_openai_error(got, 502)
+    assert "decode" in err["message"] and dead_decode.decode.url in err["message"]
+    # Answered at once, not after the 800 ms prefill: the router does not wait for a leg
+    # whose result can no longer be used.
+    assert elapsed < 0.6, f"502 took {elapsed:.2f}s"
+    stats = wait_idle(dead_decode.router, prefill)
+    assert stats[prefill]["aborted"] == before["aborted"] + 1
+    assert stats[prefill]["kv"]["produced"] == before["kv"]["produced"]
+
+
+def test_models_with_dead_decode_is_502(dead_decode):
+    got = httpx.get(dead_decode.router.url + "/v1/models", timeout=CONNECT_TIMEOUT + 5)
+    err = is_openai_error(got, 502)
+    assert dead_decode.decode.url in err["message"]
+
+
+def test_readiness_reports_the_dead_backend(dead_prefill, dead_decode):
+    for s, dead_role in ((dead_prefill, "prefill"), (dead_decode, "decode")):
+        got = httpx.get(s.router.url + "/ready")
+        assert got.status_code == 503
+        report = got.json()
+        assert report["ready"] is False
+        assert report[dead_role] == {getattr(s, dead_role).url: "down"}
+        live = "decode" if dead_role == "prefill" else "prefill"
+        assert report[live] == {getattr(s, live).url: "up"}
+
+
+# -- 3. failure after streaming began ----------------------------------------------------------
+
+
+@pytest.fixture()
+def slow_decode():
+    """Its own stack: the test kills the decode server."""
+    with make_stack(decode_extra=["--sim-decode-base-ms", "50"]) as s:
+        yield s
+
+
+def test_decode_dies_mid_stream_ends_stream_with_error_event(slow_decode):
+    router = slow_decode.router
+    errors_before = metric(router, "di_router_upstream_errors_total", role="decode")
+    raw = b""
+    with httpx.stream(
+        "POST",
+        router.url + "/v1/completions",
+        json={**completion(max_tokens=200), "stream": True},
+        timeout=10,
+    ) as response:
+        assert response.status_code == 200
+        chunks = response.iter_raw()
+        while raw.count(b"\n\n") < 4:
+            raw += next(chunks)
+        slow_decode.decode.stop(signal.SIGKILL)
+        start = time.monotonic()
+        for chunk in chunks:
+            raw += chunk
+        assert time.monotonic() - start < 5
+    payloads = parse_sse(raw)  # ends with exactly one [DONE]
+    assert "error" in payloads[-1], payloads[-1]
+    error = payloads[-1]["error"]
+    assert error["object"] == "error" and error["code"] == 502
+    assert "decode" in error["message"]
+    assert all("error" not in p for p in payloads[:-1])
+    tokens = sum(len(p["choices"]) for p in payloads[:-1])
+    assert 3 <= tokens < 200
+    wait_until(
+        lambda: metric(router, "di_router_upstream_errors_total", role="decode")
+        == errors_before + 1,
+        5,
+        "decode upstream error counted",
+    )
+    # The prefill side is clean: its KV entry was pulled before the decode server died.
+    stats = wait_idle(router, slow_decode.prefill)
+    assert stats[slow_decode.prefill]["kv"]["pulled"] == 1
+
+
+# -- 4. every wait is bounded ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stuck_prefill():
+    with make_stack(
+        prefill_extra=["--sim-prefill-base-ms", "2500"],
+        router_extra=["--prefill-timeout", "0.5"],
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stuck_decode():
+    with make_stack(
+        decode_extra=["--sim-decode-base-ms", "2000"],
+        router_extra=["--decode-timeout", "0.5"],
+    ) as s:
+        yield s
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prefill_timeout_is_504_and_aborts_both(stuck_prefill, stream):
+    before = {s: sim_stats(s) for s in stuck_prefill.sims}
+    start = time.monotonic()
+    got = post(stuck_prefill.router.url, completion(), stream)
+    elapsed = time.monotonic() - start
+    err = is_openai_error(got, 504)
+    assert "prefill" in err["message"]
+    assert elapsed < 1.8, f"504 took {elapsed:.2f}s"
+    # The prefill step cannot be interrupted (as in vLLM): its slot frees when it ends.
+    stats = wait_idle(stuck_prefill.router, *stuck_prefill.sims, timeout=6)
+    for s in stuck_prefill.sims:
+        assert stats[s]["aborted"] == before[s]["aborted"] + 1
+    assert stats[stuck_prefill.prefill]["kv"]["produced"] == 0
+    assert (
+        metric(stuck_prefill.router, "di_router_upstream_errors_total", error_type="timeout") >= 1
+    )
+
+
+def test_decode_stall_mid_stream_ends_with_error_event(stuck_decode):
+    before = sim_stats(stuck_decode.decode)
+    start = time.monotonic()
+    got = post(stuck_decode.router.url, completion(max_tokens=8), stream=True)
+    elapsed = time.monotonic() - start
+    assert got.status_code == 200
+    payloads = parse_sse(got.content)
+    assert "error" in payloads[-1], payloads
+    assert payloads[-1]["error"]["code"] == 504
+    assert "decode" in payloads[-1]["error"]["message"]
+    assert elapsed < 1.5, f"stream ended after {elapsed:.2f}s"
+    stats = wait_idle(stuck_decode.router, *stuck_decode.sims)
+    assert stats[stuck_decode.decode]["aborted"] == before["aborted"] + 1
+
+
+def test_decode_stall_unary_is_504(stuck_decode):
+    before = sim_stats(stuck_decode.decode)
+    start = time.monotonic()
+    got = post(stuck_decode.router.url, completion(max_tokens=8), stream=False)
+    elapsed = time.monotonic() - start
+    err = is_openai_error(got, 504)
+    assert "decode" in err["message"]
+    assert elapsed < 1.5, f"504 took {elapsed:.2f}s"
+    stats = wait_idle(stuck_decode.router, *stuck_decode.sims)
+    assert stats[stuck_decode.decode]["aborted"] == before["aborted"] + 1
+    assert in_flight(stuck_decode.router) == 0
