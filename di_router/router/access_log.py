@@ -33,9 +33,20 @@ def access_record(trace: RequestTrace) -> dict[str, object]:
     }
 
 
+def _text_value(value: object) -> str:
+    """`-` for none; a JSON string when needed (logfmt), so a client's X-Request-Id with
+    spaces or `=` can neither break the line apart nor forge another field."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text in ("", "-") or any(c.isspace() or c in '"=\\' for c in text):
+        return orjson.dumps(text).decode()
+    return text
+
+
 def write_access_line(trace: RequestTrace, json_lines: bool) -> None:
     record = access_record(trace)
     if json_lines:
         log.info(orjson.dumps(record).decode())
     else:
-        log.info(" ".join(f"{k}={'-' if v is None else v}" for k, v in record.items()))
+        log.info(" ".join(f"{k}={_text_value(v)}" for k, v in record.items()))

@@ -62,7 +62,7 @@ class RouterMetrics:
         )
         self.prefill = hist(
             "di_router_prefill_latency_seconds",
-            "Time from dispatch to the prefill leg's first token.",
+            "Time from request arrival to the prefill leg's first token reaching the router.",
             TTFT_BUCKETS,
         )
         self.kv_handoff = hist(

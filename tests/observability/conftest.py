@@ -1,0 +1,191 @@
+"""Helpers for the observability tests: stacks with pinned ports, scraping and parsing metrics.
+
+`start_sim_at` differs from `tests.support.start_sim` only in taking the port, so a stopped
+backend can come back at the same address (the router's readiness must follow it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from tests.support import MODEL, Proc, free_port, kv_config, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
+DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
+
+# Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
+ALLOWED_LABELS = {"model_name", "endpoint", "status", "role", "error_type", "backend", "le"}
+
+
+def start_sim_at(role: str, port: int, kv_port: int, extra: Sequence[str] = ()) -> Proc:
+    kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+    argv = [sys.executable, "-m", "di_router.sim.api_server", "--model", MODEL,
+            "--host", "127.0.0.1", "--port", str(port), "--sim-profile", "instant",
+            "--kv-transfer-config", kv_config(kv_role, kv_port), *extra]
+    return Proc(role, argv, f"http://127.0.0.1:{port}")
+
+
+def router_argv(prefill: Proc, decode: Proc, port: int, extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "di_router.router.cli",
+            "--prefill-ip", "127.0.0.1", "--prefill-port", prefill.url.rsplit(":", 1)[1],
+            "--decode-ip", "127.0.0.1", "--decode-port", decode.url.rsplit(":", 1)[1],
+            "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.2", *extra]
+
+
+@dataclass
+class ObsStack:
+    prefill: Proc
+    decode: Proc
+    router: Proc
+    kv_port: int
+    router_stderr: Path | None = None
+    """Set when the router's stderr was split from its stdout (`router.log()` is stdout)."""
+
+
+@contextlib.contextmanager
+def obs_stack(
+    prefill_extra: Sequence[str] = (),
+    decode_extra: Sequence[str] = (),
+    router_extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    split_stderr: Path | None = None,
+) -> Iterator[ObsStack]:
+    """Prefill + decode simulators and a router; returns once the router's /ready is 200."""
+    kv_port = free_port()
+    procs: list[Proc] = []
+    try:
+        prefill = start_sim_at("prefill", free_port(), kv_port, prefill_extra)
+        procs.append(prefill)
+        decode = start_sim_at("decode", free_port(), kv_port, decode_extra)
+        procs.append(decode)
+        port = free_port()
+        argv = router_argv(prefill, decode, port, router_extra)
+        if split_stderr is not None:  # exec keeps the pid: Proc.stop() still reaches it
+            argv = ["sh", "-c", f'exec "$@" 2>>"{split_stderr}"', "sh", *argv]
+        router = Proc("router", argv, f"http://127.0.0.1:{port}", env)
+        procs.append(router)
+        for proc in procs:
+            proc.wait_ready()
+        router.wait_ready("/ready", timeout=15)
+        yield ObsStack(prefill, decode, router, kv_port, split_stderr)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+# -- metrics ---------------------------------------------------------------------------------
+
+
+def scrape(url: str) -> str:
+    """One scrape on a new connection (with several workers, any worker may answer)."""
+    response = httpx.get(url + "/metrics", timeout=5, headers={"Connection": "close"})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called exactly `name` whose labels include `labels`."""
+    return sum(
+        s.value
+        for s in samples(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def by_label(text: str, name: str, *keys: str) -> dict[tuple[str, ...], float]:
+    """Samples of `name` summed by the given label keys (other labels, e.g. model, summed)."""
+    out: dict[tuple[str, ...], float] = {}
+    for s in samples(text):
+        if s.name == name:
+            key = tuple(s.labels.get(k, "") for k in keys)
+            out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+def wait_settled(router: Proc, total: int, timeout: float = 10) -> str:
+    """Poll until the router has finished `total` requests and holds none; return that scrape."""
+
+    def settled() -> str | None:
+        text = scrape(router.url)
+        done = value(text, "di_router_requests_total")
+        in_flight = value(text, "di_router_requests_in_flight")
+        return text if done == total and in_flight == 0 else None
+
+    return wait_until(settled, timeout, f"{total} finished requests and none in flight")
+
+
+def promtool() -> str | None:
+    return shutil.which("promtool")
+
+
+def promtool_check(exposition: str) -> subprocess.CompletedProcess[str]:
+    tool = promtool()
+    assert tool is not None
+    return subprocess.run(
+        [tool, "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=30
+    )
+
+
+# -- dashboard -------------------------------------------------------------------------------
+
+METRIC_NAME = re.compile(r"\b(?:di_router_[a-z0-9_]+|vllm:[a-z0-9_:]+)")  # e2e has a digit
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD_JSON.read_text())
+
+
+def dashboard_exprs(dash: dict[str, Any], variables: bool = True) -> list[str]:
+    """Every query in the dashboard: panel targets' PromQL (nested rows too) and, unless
+    `variables` is false, the variables' Grafana queries (`label_values(...)`)."""
+    found: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if key == "expr" and isinstance(item, str):
+                    found.append(item)
+                else:
+                    walk(item)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(dash.get("panels", []))
+    templating = dash.get("templating", {}).get("list", []) if variables else []
+    for variable in templating:
+        query = variable.get("query")
+        text = query.get("query") if isinstance(query, dict) else query
+        if variable.get("type") == "query" and isinstance(text, str):
+            found.append(text)
+    return found
+
+
+def exported_names(text: str) -> set[str]:
+    """Series names Prometheus stores from an exposition, by each family's declared type."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
+                                                                  "_created"),
+                "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        names.update(s.name for s in family.samples)
+    return names
