@@ -32,7 +32,11 @@ def create_app(config: RouterConfig) -> Quart:
     decode = make_pool("decode", config.decode_urls, config)
     proxy = Proxy(config, prefill, decode, NeuronFirstToken(), metrics)
     health = HealthMonitor(
-        [prefill, decode], metrics, config.health_interval_s, config.health_timeout_s
+        [prefill, decode],
+        metrics,
+        config.health_interval_s,
+        config.health_timeout_s,
+        proxy.default_authorization,
     )
     app.extensions["di_router"] = proxy
 

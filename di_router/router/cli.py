@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -122,9 +123,12 @@ def ready_line(config: RouterConfig) -> str:
 
 def serve(config: RouterConfig) -> int:
     bind_config = serving.hypercorn_config(config.host, config.port)
+    # The ready line goes to stderr with the logs: stdout carries only JSON access lines.
     if config.workers == 1:
         serving.run(
-            create_app(config), bind_config, on_bound=lambda: print(ready_line(config), flush=True)
+            create_app(config),
+            bind_config,
+            on_bound=lambda: print(ready_line(config), file=sys.stderr, flush=True),
         )
         return 0
     from hypercorn.run import run as run_workers
@@ -133,11 +137,13 @@ def serve(config: RouterConfig) -> int:
     metrics_dir = os.environ.setdefault(
         "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="di-router-metrics-")
     )
+    for stale in Path(metrics_dir).glob("*.db"):  # a previous run's values would carry over
+        stale.unlink()
     os.environ[CONFIG_ENV] = config.model_dump_json()
     bind_config.application_path = "di_router.router.app:create_app_from_env()"
     bind_config.workers = config.workers
     bind_config.worker_class = "uvloop"
-    print(ready_line(config) + f" with {config.workers} workers", flush=True)
+    print(ready_line(config) + f" with {config.workers} workers", file=sys.stderr, flush=True)
     try:
         return run_workers(bind_config)
     finally:

@@ -16,13 +16,20 @@ log = logging.getLogger("di_router.health")
 
 class HealthMonitor:
     def __init__(
-        self, pools: list[BackendPool], metrics: RouterMetrics, interval: float, timeout: float
+        self,
+        pools: list[BackendPool],
+        metrics: RouterMetrics,
+        interval: float,
+        timeout: float,
+        authorization: str | None = None,
     ) -> None:
         self._pools = pools
         self._metrics = metrics
         self._interval = interval
         self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
+        # The model list is under /v1, which vLLM protects with its API key (if it has one).
+        self._auth_headers = {"Authorization": authorization} if authorization else {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="di-router-health")
@@ -47,7 +54,9 @@ class HealthMonitor:
             response = await backend.client.get("/health", timeout=self._timeout)
             healthy = response.status_code == 200
             if healthy and backend.role == "decode" and not backend.model_names:
-                models = await backend.client.get("/v1/models", timeout=self._timeout)
+                models = await backend.client.get(
+                    "/v1/models", headers=self._auth_headers, timeout=self._timeout
+                )
                 if models.status_code == 200:
                     backend.model_names = tuple(m["id"] for m in models.json().get("data", []))
         except (httpx.HTTPError, ValueError, KeyError, TypeError):

@@ -166,12 +166,12 @@ class Proxy:
             return exchange.fail(400, f"The request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return exchange.fail(400, "The request body must be a JSON object.")
-        problem = self.strategy.unsupported(body, chat)
-        if problem is not None:
-            return exchange.fail(400, problem[1], problem[0])
         trace = exchange.trace
         trace.model = body.get("model") if isinstance(body.get("model"), str) else None
         trace.stream = body.get("stream") is True
+        problem = self.strategy.unsupported(body, chat)
+        if problem is not None:
+            return exchange.fail(400, problem[1], problem[0])
         cfg = self.config
         # Both legs leave now: decode must hold the request to reserve its slot early.
         prefill_content = orjson.dumps(self.strategy.prefill_body(body))
