@@ -1,30 +1,23 @@
-"""Start the simulator and the router as a user would (real processes, real sockets)."""
+"""Start the simulator and the router as a user would (real processes, real sockets).
+
+The process handling is the library's own (`di_router.bench.stack`), which benchmarks use too.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-MODEL = "llama-3.3-70b"
-READY_TIMEOUT_S = 30.0
+from di_router.bench.stack import MODEL, free_port, router_argv, sim_argv
+from di_router.bench.stack import Server as Proc
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["MODEL", "Proc", "free_port", "kv_config", "running", "sim_stats", "start_router",
+           "start_sim", "wait_until"]
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
@@ -39,47 +32,6 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
         time.sleep(interval)
 
 
-class Proc:
-    """A server subprocess with its output in a log file and a readiness probe."""
-
-    def __init__(self, name: str, argv: Sequence[str], url: str, env: dict[str, str] | None = None):
-        self.name = name
-        self.url = url
-        self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
-        self._log = self.log_path.open("wb")
-        self.popen = subprocess.Popen(
-            list(argv), stdout=self._log, stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})}, start_new_session=True,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, path: str = "/health", timeout: float = READY_TIMEOUT_S) -> Proc:
-        def ready() -> bool:
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
-            try:
-                return httpx.get(self.url + path, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(ready, timeout, f"{self.name} at {self.url}{path}")
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout)
-        self._log.close()
-        return self.popen.returncode
-
-
 def kv_config(role: str, kv_port: int) -> str:
     return json.dumps({
         "kv_connector": "NeuronConnector", "kv_buffer_device": "cpu",
@@ -91,29 +43,22 @@ def kv_config(role: str, kv_port: int) -> str:
 
 def start_sim(
     role: str, *, kv_port: int | None = None, profile: str = "instant",
-    extra: Sequence[str] = (), name: str | None = None,
+    extra: Sequence[str] = (), name: str | None = None, port: int | None = None,
 ) -> Proc:
     """role: baseline | prefill | decode. Prefill and decode of one pair share `kv_port`."""
-    port = free_port()
-    argv = [sys.executable, "-m", "di_router.sim.api_server", "--model", MODEL,
-            "--host", "127.0.0.1", "--port", str(port), "--sim-profile", profile]
-    if role != "baseline":
-        assert kv_port is not None
-        kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
-        argv += ["--kv-transfer-config", kv_config(kv_role, kv_port)]
-    return Proc(name or role, [*argv, *extra], f"http://127.0.0.1:{port}")
+    assert role == "baseline" or kv_port is not None
+    port = port or free_port()
+    argv = sim_argv(role, port, kv_port or 0, profile, 256, extra)
+    return Proc(name or role, argv, f"http://127.0.0.1:{port}")
 
 
 def start_router(prefill: Proc, decode: Proc, extra: Sequence[str] = (),
                  env: dict[str, str] | None = None) -> Proc:
     port = free_port()
-    p_port = prefill.url.rsplit(":", 1)[1]
-    d_port = decode.url.rsplit(":", 1)[1]
-    argv = [sys.executable, "-m", "di_router.router.cli",
-            "--prefill-ip", "127.0.0.1", "--prefill-port", p_port,
-            "--decode-ip", "127.0.0.1", "--decode-port", d_port,
-            "--host", "127.0.0.1", "--port", str(port), *extra]
-    return Proc("router", argv, f"http://127.0.0.1:{port}", env)
+    p_port = int(prefill.url.rsplit(":", 1)[1])
+    d_port = int(decode.url.rsplit(":", 1)[1])
+    return Proc("router", router_argv(port, p_port, d_port, extra),
+                f"http://127.0.0.1:{port}", env)
 
 
 @contextlib.contextmanager

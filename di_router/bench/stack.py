@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,24 +41,62 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
 class Server:
-    """One running server process; `log_path` keeps its stdout and stderr."""
+    """One server subprocess in its own session (stopping it stops what it spawned too)."""
 
-    name: str
-    url: str
-    popen: subprocess.Popen[bytes]
-    log_path: Path
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        url: str,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.url = url
+        if log_path is None:
+            fd, raw_path = tempfile.mkstemp(prefix=f"{name}-", suffix=".log")
+            os.close(fd)
+            log_path = Path(raw_path)
+        self.log_path = log_path
+        with log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                list(argv),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env} if env else None,
+                start_new_session=True,
+            )
 
     @property
     def pid(self) -> int:
         return self.popen.pid
 
-    def log_tail(self, chars: int = 4000) -> str:
+    def log(self) -> str:
         try:
-            return self.log_path.read_text(errors="replace")[-chars:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log()[-chars:]
+
+    def wait_ready(self, path: str = "/health", timeout: float = READY_TIMEOUT_S) -> Server:
+        wait_ready([self], path, timeout)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
+        """Signal the process group (SIGTERM: graceful), SIGKILL if it does not exit in time."""
+        if self.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout_s)
+        return self.popen.returncode
 
 
 @dataclass
@@ -136,19 +174,6 @@ def router_argv(
     ]
 
 
-def _stop(server: Server) -> None:
-    """SIGTERM the process group (graceful shutdown), SIGKILL if it does not exit in time."""
-    if server.popen.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.popen.pid, signal.SIGTERM)
-        try:
-            server.popen.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.popen.pid, signal.SIGKILL)
-            server.popen.wait(STOP_TIMEOUT_S)
-
-
 class _Group:
     """Servers started one by one into a shared log directory and stopped together."""
 
@@ -157,13 +182,8 @@ class _Group:
         self.servers: dict[str, Server] = {}
 
     def start(self, name: str, argv: Sequence[str], url: str) -> Server:
-        log_path = self.log_dir / f"{name}.log"
-        with log_path.open("wb") as log:
-            # Own session: stopping the group also stops anything the server spawned.
-            popen = subprocess.Popen(
-                list(argv), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.servers[name] = server = Server(name, url, popen, log_path)
+        server = Server(name, argv, url, log_path=self.log_dir / f"{name}.log")
+        self.servers[name] = server
         return server
 
 
@@ -179,7 +199,7 @@ def _group() -> Iterator[_Group]:
         raise
     finally:
         for server in reversed(list(group.servers.values())):
-            _stop(server)
+            server.stop()
         if not failed:
             shutil.rmtree(group.log_dir, ignore_errors=True)
 

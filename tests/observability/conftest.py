@@ -1,8 +1,4 @@
-"""Helpers for the observability tests: stacks with pinned ports, scraping and parsing metrics.
-
-`start_sim_at` differs from `tests.support.start_sim` only in taking the port, so a stopped
-backend can come back at the same address (the router's readiness must follow it).
-"""
+"""Helpers for the observability tests: stacks, scraping and parsing metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +7,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +16,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.support import MODEL, Proc, free_port, kv_config, wait_until
+from di_router.bench.stack import router_argv
+from tests.support import Proc, free_port, start_sim, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
@@ -29,21 +25,6 @@ DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
 
 # Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
 ALLOWED_LABELS = {"model_name", "endpoint", "status", "role", "error_type", "backend", "le"}
-
-
-def start_sim_at(role: str, port: int, kv_port: int, extra: Sequence[str] = ()) -> Proc:
-    kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
-    argv = [sys.executable, "-m", "di_router.sim.api_server", "--model", MODEL,
-            "--host", "127.0.0.1", "--port", str(port), "--sim-profile", "instant",
-            "--kv-transfer-config", kv_config(kv_role, kv_port), *extra]
-    return Proc(role, argv, f"http://127.0.0.1:{port}")
-
-
-def router_argv(prefill: Proc, decode: Proc, port: int, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "di_router.router.cli",
-            "--prefill-ip", "127.0.0.1", "--prefill-port", prefill.url.rsplit(":", 1)[1],
-            "--decode-ip", "127.0.0.1", "--decode-port", decode.url.rsplit(":", 1)[1],
-            "--host", "127.0.0.1", "--port", str(port), "--health-interval", "0.2", *extra]
 
 
 @dataclass
@@ -68,12 +49,13 @@ def obs_stack(
     kv_port = free_port()
     procs: list[Proc] = []
     try:
-        prefill = start_sim_at("prefill", free_port(), kv_port, prefill_extra)
+        prefill = start_sim("prefill", kv_port=kv_port, extra=prefill_extra)
         procs.append(prefill)
-        decode = start_sim_at("decode", free_port(), kv_port, decode_extra)
+        decode = start_sim("decode", kv_port=kv_port, extra=decode_extra)
         procs.append(decode)
         port = free_port()
-        argv = router_argv(prefill, decode, port, router_extra)
+        p_port, d_port = (int(p.url.rsplit(":", 1)[1]) for p in (prefill, decode))
+        argv = router_argv(port, p_port, d_port, ["--health-interval", "0.2", *router_extra])
         if split_stderr is not None:  # exec keeps the pid: Proc.stop() still reaches it
             argv = ["sh", "-c", f'exec "$@" 2>>"{split_stderr}"', "sh", *argv]
         router = Proc("router", argv, f"http://127.0.0.1:{port}", env)

@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from tests.observability.conftest import obs_stack, scrape, start_sim_at, value
-from tests.support import MODEL, wait_until
+from tests.observability.conftest import obs_stack, scrape, value
+from tests.support import MODEL, start_sim, wait_until
 
 
 def probe(url: str) -> tuple[int, dict[str, Any], float, float]:
@@ -43,7 +43,7 @@ def test_ready_follows_decode_server_down_and_up():
         assert probe(url)[3] == 1
 
         port = int(decode_url.rsplit(":", 1)[1])
-        again = start_sim_at("decode", port, stack.kv_port)
+        again = start_sim("decode", kv_port=stack.kv_port, port=port)
         try:
             again.wait_ready()
             up = wait_until(lambda: (p := probe(url))[0] == 200 and p, 5, "/ready 200 again")

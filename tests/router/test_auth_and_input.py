@@ -295,7 +295,7 @@ def test_request_id_header_matches_response_ids(plain):
 
 def test_model_label_is_learned_with_the_routers_key(auth):
     """The health monitor lists models with the router's key, so labels name the real model."""
-    s, keyed = auth
+    _, keyed = auth
     before = metric(keyed, "di_router_requests_total", model_name=MODEL, status="200")
     got = httpx.post(keyed.url + "/v1/completions", json=completion(stream=False), timeout=10)
     assert got.status_code == 200, got.text
