@@ -9,6 +9,8 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,8 +18,22 @@ import httpx
 from di_router.bench.stack import MODEL, free_port, router_argv, sim_argv
 from di_router.bench.stack import Server as Proc
 
-__all__ = ["MODEL", "Proc", "free_port", "kv_config", "running", "sim_stats", "start_router",
-           "start_sim", "wait_until"]
+__all__ = [
+    "MODEL",
+    "DIStack",
+    "DeadBackend",
+    "Proc",
+    "di_stack",
+    "free_port",
+    "kv_config",
+    "running",
+    "sim_stats",
+    "start_router",
+    "start_sim",
+    "wait_until",
+]
+
+ROUTER_TEST_FLAGS = ("--health-interval", "0.2")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):
@@ -33,17 +49,29 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 
 
 def kv_config(role: str, kv_port: int) -> str:
-    return json.dumps({
-        "kv_connector": "NeuronConnector", "kv_buffer_device": "cpu",
-        "kv_role": role, "kv_rank": 0 if role == "kv_producer" else 1,
-        "kv_parallel_size": 2, "kv_buffer_size": 2e11, "kv_ip": "127.0.0.1",
-        "kv_port": kv_port, "neuron_core_offset": 0,
-    })
+    return json.dumps(
+        {
+            "kv_connector": "NeuronConnector",
+            "kv_buffer_device": "cpu",
+            "kv_role": role,
+            "kv_rank": 0 if role == "kv_producer" else 1,
+            "kv_parallel_size": 2,
+            "kv_buffer_size": 2e11,
+            "kv_ip": "127.0.0.1",
+            "kv_port": kv_port,
+            "neuron_core_offset": 0,
+        }
+    )
 
 
 def start_sim(
-    role: str, *, kv_port: int | None = None, profile: str = "instant",
-    extra: Sequence[str] = (), name: str | None = None, port: int | None = None,
+    role: str,
+    *,
+    kv_port: int | None = None,
+    profile: str = "instant",
+    extra: Sequence[str] = (),
+    name: str | None = None,
+    port: int | None = None,
 ) -> Proc:
     """role: baseline | prefill | decode. Prefill and decode of one pair share `kv_port`."""
     assert role == "baseline" or kv_port is not None
@@ -52,13 +80,77 @@ def start_sim(
     return Proc(name or role, argv, f"http://127.0.0.1:{port}")
 
 
-def start_router(prefill: Proc, decode: Proc, extra: Sequence[str] = (),
-                 env: dict[str, str] | None = None) -> Proc:
+@dataclass
+class DeadBackend:
+    """A backend address where nothing listens (connections are refused)."""
+
+    url: str
+
+    @classmethod
+    def make(cls) -> DeadBackend:
+        return cls(f"http://127.0.0.1:{free_port()}")
+
+
+def start_router(
+    prefill: Proc | DeadBackend,
+    decode: Proc | DeadBackend,
+    extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    stderr_to: Path | None = None,
+) -> Proc:
+    """`stderr_to` splits the router's stderr off, so its log holds stdout alone."""
     port = free_port()
     p_port = int(prefill.url.rsplit(":", 1)[1])
     d_port = int(decode.url.rsplit(":", 1)[1])
-    return Proc("router", router_argv(port, p_port, d_port, extra),
-                f"http://127.0.0.1:{port}", env)
+    argv = router_argv(port, p_port, d_port, extra)
+    if stderr_to is not None:  # exec keeps the pid, so Proc.stop() still reaches the router
+        argv = ["sh", "-c", f'exec "$@" 2>>"{stderr_to}"', "sh", *argv]
+    return Proc("router", argv, f"http://127.0.0.1:{port}", env)
+
+
+@dataclass
+class DIStack:
+    prefill: Proc | DeadBackend
+    decode: Proc | DeadBackend
+    router: Proc
+    kv_port: int
+    baseline: Proc | None = None
+    router_stderr: Path | None = None
+
+    @property
+    def sims(self) -> list[Proc]:
+        return [p for p in (self.prefill, self.decode) if isinstance(p, Proc)]
+
+
+@contextlib.contextmanager
+def di_stack(
+    *,
+    sim_extra: Sequence[str] = (),
+    prefill_extra: Sequence[str] | None = (),
+    decode_extra: Sequence[str] | None = (),
+    router_extra: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    baseline: bool = False,
+    router_stderr: Path | None = None,
+) -> Iterator[DIStack]:
+    """Prefill and decode sims (`None`: a dead address instead) and a router, plus optionally a
+    baseline sim with the same `sim_extra`. With both backends alive, waits for /ready."""
+    kv_port = free_port()
+    procs: list[Proc] = []
+
+    def sim(role: str, extra: Sequence[str] | None) -> Proc | DeadBackend:
+        if extra is None:
+            return DeadBackend.make()
+        procs.append(start_sim(role, kv_port=kv_port, extra=[*sim_extra, *extra]))
+        return procs[-1]
+
+    base = sim("baseline", ()) if baseline else None
+    prefill, decode = sim("prefill", prefill_extra), sim("decode", decode_extra)
+    router = start_router(prefill, decode, [*ROUTER_TEST_FLAGS, *router_extra], env, router_stderr)
+    with running(*procs, router):
+        if prefill_extra is not None and decode_extra is not None:
+            router.wait_ready("/ready", timeout=15)
+        yield DIStack(prefill, decode, router, kv_port, base, router_stderr)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

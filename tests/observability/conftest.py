@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from di_router.bench.stack import router_argv
-from tests.support import Proc, free_port, start_sim, wait_until
+from tests.support import Proc, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
@@ -25,48 +21,6 @@ DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
 
 # Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
 ALLOWED_LABELS = {"model_name", "endpoint", "status", "role", "error_type", "backend", "le"}
-
-
-@dataclass
-class ObsStack:
-    prefill: Proc
-    decode: Proc
-    router: Proc
-    kv_port: int
-    router_stderr: Path | None = None
-    """Set when the router's stderr was split from its stdout (`router.log()` is stdout)."""
-
-
-@contextlib.contextmanager
-def obs_stack(
-    prefill_extra: Sequence[str] = (),
-    decode_extra: Sequence[str] = (),
-    router_extra: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-    split_stderr: Path | None = None,
-) -> Iterator[ObsStack]:
-    """Prefill + decode simulators and a router; returns once the router's /ready is 200."""
-    kv_port = free_port()
-    procs: list[Proc] = []
-    try:
-        prefill = start_sim("prefill", kv_port=kv_port, extra=prefill_extra)
-        procs.append(prefill)
-        decode = start_sim("decode", kv_port=kv_port, extra=decode_extra)
-        procs.append(decode)
-        port = free_port()
-        p_port, d_port = (int(p.url.rsplit(":", 1)[1]) for p in (prefill, decode))
-        argv = router_argv(port, p_port, d_port, ["--health-interval", "0.2", *router_extra])
-        if split_stderr is not None:  # exec keeps the pid: Proc.stop() still reaches it
-            argv = ["sh", "-c", f'exec "$@" 2>>"{split_stderr}"', "sh", *argv]
-        router = Proc("router", argv, f"http://127.0.0.1:{port}", env)
-        procs.append(router)
-        for proc in procs:
-            proc.wait_ready()
-        router.wait_ready("/ready", timeout=15)
-        yield ObsStack(prefill, decode, router, kv_port, split_stderr)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
 
 
 # -- metrics ---------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.observability.conftest import obs_stack, wait_settled
+from tests.observability.conftest import wait_settled
 from tests.sse_strict import parse_sse
-from tests.support import MODEL, Proc, wait_until
+from tests.support import MODEL, Proc, di_stack, wait_until
 
 KEYS = ("router_id", "client_request_id", "endpoint", "status", "prompt_tokens",
         "completion_tokens", "ttft_ms", "prefill_ms", "handoff_ms", "total_ms", "outcome")
@@ -95,7 +95,7 @@ def check_records(records: list[dict[str, Any]], seen: dict[str, Any]) -> None:
 
 
 def test_text_access_lines():
-    with obs_stack(**SIM_FLAGS) as stack:
+    with di_stack(**SIM_FLAGS) as stack:
         seen = send_mix(stack.router)
 
         def lines() -> list[str] | None:
@@ -108,8 +108,8 @@ def test_text_access_lines():
 
 def test_json_access_lines_alone_on_stdout(tmp_path):
     stderr = tmp_path / "router.stderr"
-    with obs_stack(**SIM_FLAGS, router_extra=["--log-format", "json"],
-                   split_stderr=stderr) as stack:
+    with di_stack(**SIM_FLAGS, router_extra=["--log-format", "json"],
+                   router_stderr=stderr) as stack:
         seen = send_mix(stack.router)
 
         def records() -> list[dict[str, Any]] | None:

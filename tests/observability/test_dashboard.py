@@ -14,10 +14,9 @@ from tests.observability.conftest import (
     dashboard,
     dashboard_exprs,
     exported_names,
-    obs_stack,
     scrape,
 )
-from tests.support import MODEL
+from tests.support import MODEL, di_stack
 
 REQUIRED = {  # what the issue asks the dashboard to show, as the series its queries must use
     "TTFT p50/p99": ("di_router_time_to_first_token_seconds_bucket", ("0.5", "0.99")),
@@ -50,7 +49,7 @@ def test_dashboard_is_a_grafana_model_with_the_required_panels():
 
 
 def test_every_query_names_an_exported_metric():
-    with obs_stack() as stack:
+    with di_stack() as stack:
         r = httpx.post(stack.router.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "hi there", "max_tokens": 3,
                              "stream": True})

@@ -17,13 +17,12 @@ import pytest
 from tests.observability.conftest import (
     ALLOWED_LABELS,
     by_label,
-    obs_stack,
     samples,
     value,
     wait_settled,
 )
 from tests.sse_strict import parse_sse
-from tests.support import MODEL
+from tests.support import MODEL, di_stack
 
 PER_TOKEN_US = 5000  # prefill: 5 ms per prompt token, so a long prompt takes a known while
 KV_TIMEOUT_S = 0.8  # decode fails (500) when prefill's KV has not come within this
@@ -34,7 +33,7 @@ CLIENT_GIVES_UP_S = 0.2
 
 @pytest.fixture(scope="module")
 def stack():
-    with obs_stack(
+    with di_stack(
         prefill_extra=["--sim-prefill-per-token-us", str(PER_TOKEN_US)],
         decode_extra=["--sim-kv-timeout", str(KV_TIMEOUT_S)],
     ) as s:

@@ -18,12 +18,11 @@ from tests.observability.conftest import (
     PROMETHEUS_YML,
     dashboard,
     dashboard_exprs,
-    obs_stack,
     promtool_check,
     scrape,
     wait_settled,
 )
-from tests.support import MODEL, Proc, free_port, wait_until
+from tests.support import MODEL, Proc, di_stack, free_port, wait_until
 
 PROMETHEUS, PROMTOOL = shutil.which("prometheus"), shutil.which("promtool")
 pytestmark = pytest.mark.skipif(
@@ -68,7 +67,7 @@ def test_deploy_config_is_valid():
 
 
 def test_prometheus_scrapes_router_and_servers(tmp_path):
-    with obs_stack() as stack:
+    with di_stack() as stack:
         config = tmp_path / "prometheus.yml"
         config.write_text(rewritten_config(stack.router.url, stack.prefill.url, stack.decode.url))
         port = free_port()
@@ -111,7 +110,7 @@ def test_prometheus_scrapes_router_and_servers(tmp_path):
 
 
 def test_promtool_accepts_the_expositions():
-    with obs_stack() as stack:
+    with di_stack() as stack:
         r = httpx.post(stack.router.url + "/v1/chat/completions", timeout=30,
                        json={"model": MODEL, "max_tokens": 3, "stream": True,
                              "messages": [{"role": "user", "content": "lint me"}]})

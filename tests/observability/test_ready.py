@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 
-from tests.observability.conftest import obs_stack, scrape, value
-from tests.support import MODEL, start_sim, wait_until
+from tests.observability.conftest import scrape, value
+from tests.support import MODEL, di_stack, start_sim, wait_until
 
 
 def probe(url: str) -> tuple[int, dict[str, Any], float, float]:
@@ -26,7 +26,7 @@ def probe(url: str) -> tuple[int, dict[str, Any], float, float]:
 
 
 def test_ready_follows_decode_server_down_and_up():
-    with obs_stack() as stack:
+    with di_stack() as stack:
         url, decode_url, prefill_url = stack.router.url, stack.decode.url, stack.prefill.url
         status, body, decode_up, prefill_up = probe(url)
         assert status == 200 and body["ready"] is True, body

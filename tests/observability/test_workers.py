@@ -14,7 +14,6 @@ import pytest
 
 from tests.observability.conftest import (
     by_label,
-    obs_stack,
     promtool,
     promtool_check,
     samples,
@@ -22,7 +21,7 @@ from tests.observability.conftest import (
     value,
     wait_settled,
 )
-from tests.support import MODEL, wait_until
+from tests.support import MODEL, di_stack, wait_until
 
 MAX_TOKENS = 3
 BATCH = 8
@@ -45,7 +44,7 @@ def workers_with_requests(metrics_dir: Path) -> int:
 def test_two_workers_add_up(tmp_path):
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
-    with obs_stack(decode_extra=["--sim-decode-base-ms", "20"], router_extra=["--workers", "2"],
+    with di_stack(decode_extra=["--sim-decode-base-ms", "20"], router_extra=["--workers", "2"],
                    env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}) as stack:
         url = stack.router.url
         wait_until(lambda: len(list(metrics_dir.glob("gauge_livesum_*.db"))) == 2, 15,

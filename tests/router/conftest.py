@@ -2,69 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Proc, free_port, running, sim_stats, start_router, start_sim, wait_until
-
-ROUTER_BASE_FLAGS = ("--health-interval", "0.2")
-
-
-@dataclass
-class Stack:
-    prefill: Proc | DeadBackend
-    decode: Proc | DeadBackend
-    router: Proc
-
-    @property
-    def sims(self) -> list[Proc]:
-        return [p for p in (self.prefill, self.decode) if isinstance(p, Proc)]
-
-
-@dataclass
-class DeadBackend:
-    """A backend address where nothing listens (connections are refused)."""
-
-    url: str
-
-    @classmethod
-    def make(cls) -> DeadBackend:
-        return cls(f"http://127.0.0.1:{free_port()}")
-
-
-@contextlib.contextmanager
-def make_stack(
-    prefill_extra: Sequence[str] | None = (),
-    decode_extra: Sequence[str] | None = (),
-    router_extra: Sequence[str] = (),
-    env: dict[str, str] | None = None,
-) -> Iterator[Stack]:
-    """A prefill sim, a decode sim and a router; `None` for a role means a dead backend.
-
-    Waits for the router's /ready when both backends are alive.
-    """
-    kv_port = free_port()
-    prefill: Proc | DeadBackend = (
-        DeadBackend.make()
-        if prefill_extra is None
-        else start_sim("prefill", kv_port=kv_port, extra=prefill_extra)
-    )
-    decode: Proc | DeadBackend = (
-        DeadBackend.make()
-        if decode_extra is None
-        else start_sim("decode", kv_port=kv_port, extra=decode_extra)
-    )
-    router = start_router(prefill, decode, extra=[*ROUTER_BASE_FLAGS, *router_extra], env=env)  # type: ignore[arg-type]
-    procs = [p for p in (prefill, decode) if isinstance(p, Proc)]
-    with running(*procs, router):
-        if len(procs) == 2:
-            router.wait_ready("/ready", timeout=15)
-        yield Stack(prefill, decode, router)
+from tests.support import Proc, sim_stats, wait_until
 
 
 def metric(router: Proc, name: str, **labels: str) -> float:

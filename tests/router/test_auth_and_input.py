@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.conftest import in_flight, is_openai_error, make_stack, metric, wait_idle
+from tests.router.conftest import in_flight, is_openai_error, metric, wait_idle
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL, running, sim_stats, start_router
+from tests.support import MODEL, di_stack, running, sim_stats, start_router
 
 MAX_BODY = 2000
 PREFILL_MAX_LEN, DECODE_MAX_LEN = 4096, 8192
@@ -36,7 +36,7 @@ def chat(**extra: Any) -> dict[str, Any]:
 def auth():
     """Sims that require `secret`; router `plain` has no key, router `keyed` has OPENAI_API_KEY."""
     key = ["--api-key", "secret"]
-    with make_stack(prefill_extra=key, decode_extra=key, env={"OPENAI_API_KEY": ""}) as s:
+    with di_stack(prefill_extra=key, decode_extra=key, env={"OPENAI_API_KEY": ""}) as s:
         keyed = start_router(s.prefill, s.decode, extra=["--health-interval", "0.2"],
                              env={"OPENAI_API_KEY": "secret"})
         with running(keyed):
@@ -105,7 +105,7 @@ def test_models_auth(auth):
 
 @pytest.fixture(scope="module")
 def plain():
-    with make_stack(
+    with di_stack(
         prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN)],
         decode_extra=["--max-model-len", str(DECODE_MAX_LEN)],
         router_extra=["--max-body-bytes", str(MAX_BODY)],

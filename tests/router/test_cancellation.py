@@ -10,15 +10,15 @@ import time
 import httpx
 import pytest
 
-from tests.router.conftest import in_flight, make_stack, metric, wait_idle
-from tests.support import MODEL, sim_stats, wait_until
+from tests.router.conftest import in_flight, metric, wait_idle
+from tests.support import MODEL, di_stack, sim_stats, wait_until
 
 PREFILL_MS, DECODE_STEP_MS = 1000, 50
 
 
 @pytest.fixture(scope="module")
 def slow():
-    with make_stack(
+    with di_stack(
         prefill_extra=["--sim-prefill-base-ms", str(PREFILL_MS)],
         decode_extra=["--sim-decode-base-ms", str(DECODE_STEP_MS)],
     ) as s:

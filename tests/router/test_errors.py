@@ -16,12 +16,11 @@ import pytest
 from tests.router.conftest import (
     in_flight,
     is_openai_error,
-    make_stack,
     metric,
     wait_idle,
 )
 from tests.sse_strict import parse_sse
-from tests.support import MODEL, sim_stats, wait_until
+from tests.support import MODEL, di_stack, sim_stats, wait_until
 
 CONNECT_TIMEOUT = 1.0
 
@@ -46,7 +45,7 @@ def reject():
 
     Prefill takes 1 s so a decode rejection always arrives while prefill is still working.
     """
-    with make_stack(
+    with di_stack(
         prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN), "--sim-prefill-base-ms", "1000"],
         decode_extra=["--max-model-len", str(DECODE_MAX_LEN), "--sim-kv-timeout", "5"],
     ) as s:
@@ -109,7 +108,7 @@ def test_decode_only_rejection_reaches_client_and_aborts_prefill(reject, stream)
 @pytest.fixture(scope="module")
 def reject_fast_prefill():
     """As `reject`, but prefill is instant and unpulled KV entries expire after 1 s."""
-    with make_stack(
+    with di_stack(
         prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN), "--sim-kv-entry-ttl", "1"],
         decode_extra=["--max-model-len", str(DECODE_MAX_LEN), "--sim-kv-timeout", "5"],
     ) as s:
@@ -153,7 +152,7 @@ def test_decode_only_rejection_after_prefill_finished_pins_kv_until_ttl(reject_f
 
 @pytest.fixture(scope="module")
 def dead_prefill():
-    with make_stack(
+    with di_stack(
         prefill_extra=None,
         decode_extra=["--sim-kv-timeout", "30"],
         router_extra=["--connect-timeout", str(CONNECT_TIMEOUT)],
@@ -163,7 +162,7 @@ def dead_prefill():
 
 @pytest.fixture(scope="module")
 def dead_decode():
-    with make_stack(
+    with di_stack(
         prefill_extra=["--sim-prefill-base-ms", "800"],
         decode_extra=None,
         router_extra=["--connect-timeout", str(CONNECT_TIMEOUT)],
@@ -234,7 +233,7 @@ def test_readiness_reports_the_dead_backend(dead_prefill, dead_decode):
 @pytest.fixture()
 def slow_decode():
     """Its own stack: the test kills the decode server."""
-    with make_stack(decode_extra=["--sim-decode-base-ms", "50"]) as s:
+    with di_stack(decode_extra=["--sim-decode-base-ms", "50"]) as s:
         yield s
 
 
@@ -281,7 +280,7 @@ def test_decode_dies_mid_stream_ends_stream_with_error_event(slow_decode):
 
 @pytest.fixture(scope="module")
 def stuck_prefill():
-    with make_stack(
+    with di_stack(
         prefill_extra=["--sim-prefill-base-ms", "2500"],
         router_extra=["--prefill-timeout", "0.5"],
     ) as s:
@@ -290,7 +289,7 @@ def stuck_prefill():
 
 @pytest.fixture(scope="module")
 def stuck_decode():
-    with make_stack(
+    with di_stack(
         decode_extra=["--sim-decode-base-ms", "2000"],
         router_extra=["--decode-timeout", "0.5"],
     ) as s:

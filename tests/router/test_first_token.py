@@ -10,9 +10,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.router.di_stack import di_stack
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL
+from tests.support import MODEL, di_stack
 
 PREFILL_S = 0.15
 KV_TRANSFER_S = 2.0
@@ -22,7 +21,6 @@ KV_TRANSFER_S = 2.0
 def slow_handoff():
     """Prefill takes 150 ms; the KV transfer to decode takes 2 s; decode has a single slot."""
     with di_stack(
-        baseline=False,
         prefill_extra=["--sim-prefill-base-ms", str(PREFILL_S * 1000)],
         decode_extra=["--sim-kv-setup-ms", str(KV_TRANSFER_S * 1000),
                       "--sim-decode-base-ms", "10", "--max-num-seqs", "1"],

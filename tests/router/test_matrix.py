@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.di_stack import di_stack, eos_first_prompt
+from tests.router.eos_prompts import eos_first_prompt
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL
+from tests.support import MODEL, di_stack
 
 EOS_P = 0.03
 SAMPLINGS = {"greedy": {"temperature": 0}, "seeded": {"temperature": 0.7, "seed": 1234}}
@@ -22,7 +22,7 @@ SAMPLINGS = {"greedy": {"temperature": 0}, "seeded": {"temperature": 0.7, "seed"
 
 @pytest.fixture(scope="module")
 def stack():
-    with di_stack(sim_extra=["--sim-eos-probability", str(EOS_P)]) as s:
+    with di_stack(sim_extra=["--sim-eos-probability", str(EOS_P)], baseline=True) as s:
         yield s
 
 

@@ -8,8 +8,8 @@ from typing import Any
 import openai
 import pytest
 
-from tests.router.di_stack import di_stack, eos_first_prompt
-from tests.support import MODEL
+from tests.router.eos_prompts import eos_first_prompt
+from tests.support import MODEL, di_stack
 
 EOS_P = 0.03
 GREEDY = {"temperature": 0}
@@ -17,7 +17,7 @@ GREEDY = {"temperature": 0}
 
 @pytest.fixture(scope="module")
 def stack():
-    with di_stack(sim_extra=["--sim-eos-probability", str(EOS_P)]) as s:
+    with di_stack(sim_extra=["--sim-eos-probability", str(EOS_P)], baseline=True) as s:
         yield s
 
 
