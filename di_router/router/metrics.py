@@ -18,7 +18,7 @@ from prometheus_client import (
 )
 
 from di_router.router.trace import RequestTrace
-from di_router.sim.metrics import REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from di_router.wire.buckets import REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 
 UNKNOWN_MODEL = "unknown"
 
