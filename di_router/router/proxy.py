@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -217,7 +217,7 @@ class Proxy:
     ) -> Response:
         trace = exchange.trace
         merger = StreamMerger(trace, client_id, created, chat)
-        prefill_events = exchange.track(prefill.events())
+        prefill_events = exchange.track(prefill.event_batches())
         # Nothing is sent before prefill's first event and decode's headers are in, so an
         # error on either leg still reaches the client with its own status.
         async with self._bounded_prefill(prefill):
@@ -227,7 +227,7 @@ class Proxy:
                 raise UpstreamError.make(
                     "prefill", 502, "stream_cut", "prefill server ended its stream without a token"
                 ) from None
-            first_event = merger.prefill(parse_chunk("prefill", first))
+            first_event = _merged(merger.prefill, "prefill", first)
             await decode.response()
         body = self._relay(exchange, merger, first_event, prefill_events, decode)
         response = Response(body, content_type=SSE_CONTENT_TYPE)
@@ -240,22 +240,20 @@ class Proxy:
         self,
         exchange: Exchange,
         merger: StreamMerger,
-        first_event: bytes | None,
-        prefill_events: AsyncIterator[bytes],
+        first_event: bytes,
+        prefill_events: AsyncIterator[list[bytes]],
         decode: Leg,
     ) -> AsyncIterator[bytes]:
         status, outcome, error = 200, Outcome.OK, None
         try:
-            if first_event is not None:
+            if first_event:
                 yield first_event
-            async for data in prefill_events:
-                event = merger.prefill(parse_chunk("prefill", data))
-                if event is not None:
-                    yield event
-            async for data in decode.events():
-                event = merger.decode(parse_chunk("decode", data))
-                if event is not None:
-                    yield event
+            async for batch in prefill_events:
+                if events := _merged(merger.prefill, "prefill", batch):
+                    yield events
+            async for batch in decode.event_batches():
+                if events := _merged(merger.decode, "decode", batch):
+                    yield events
             yield DONE_EVENT
         except UpstreamError as exc:
             # Headers are gone: say what failed in the stream, then end it properly.
@@ -269,6 +267,13 @@ class Proxy:
         finally:
             await exchange.aclose()
             exchange.finish(status, outcome, error)
+
+
+def _merged(
+    merge: Callable[[dict[str, Any]], bytes | None], role: str, batch: list[bytes]
+) -> bytes:
+    """The client events for one batch of upstream payloads, as one write."""
+    return b"".join(event for data in batch if (event := merge(parse_chunk(role, data))))
 
 
 async def _unless_failed(decode: Leg, step: Awaitable[T]) -> T:

@@ -132,21 +132,35 @@ class Leg:
             raise self._error(502, "bad_response", "sent JSON that is not an object")
         return body
 
-    async def events(self) -> AsyncIterator[bytes]:
-        """The `data` payloads of an SSE body, ending at `[DONE]`; a cut stream is an error."""
+    async def event_batches(self) -> AsyncIterator[list[bytes]]:
+        """The `data` payloads of an SSE body up to `[DONE]`, batched as they arrived.
+
+        Events that arrive together leave together (one write to the client instead of one per
+        event); a cut stream is an error.
+        """
         response = await self.response()
         decoder = SSEDecoder()
+        done = False
         try:
             async for chunk in response.aiter_raw():
+                batch = []
                 for data in decoder.feed(chunk):
                     if data == DONE_DATA:
-                        return
-                    yield data
+                        done = True
+                    elif not done:
+                        batch.append(data)
+                if batch:
+                    yield batch
+                # After [DONE], keep reading to the end of the body (the chunked terminator
+                # follows at once): a fully read response returns its connection to the pool.
         except httpx.TimeoutException:
             raise self._error(504, "timeout", "stalled mid-stream") from None
         except httpx.HTTPError as exc:
+            if done:
+                return
             raise self._error(502, "protocol_error", f"broke the stream ({exc!r})") from None
-        raise self._error(502, "stream_cut", "closed the stream before [DONE]")
+        if not done:
+            raise self._error(502, "stream_cut", "closed the stream before [DONE]")
 
     async def aclose(self) -> None:
         """Close the leg: the backend sees the disconnect and aborts the request."""
