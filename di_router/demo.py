@@ -43,6 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="router port")
     p.add_argument("--prefill-port", type=int, default=8100)
     p.add_argument("--decode-port", type=int, default=8200)
+    p.add_argument("--kv-port", type=int, default=14579, help="prefill's KV side-channel port")
     p.set_defaults(func=_run)
 
 
@@ -63,6 +64,8 @@ def _run(args: argparse.Namespace) -> int:
             str(args.prefill_port),
             "--decode-port",
             str(args.decode_port),
+            "--kv-port",
+            str(args.kv_port),
         ]
     )
 

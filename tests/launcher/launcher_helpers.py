@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -11,33 +10,11 @@ from pathlib import Path
 
 import httpx
 
-from di_router.launcher import compile_cmd, doctor, serve_cmd, up_cmd
+from di_router.cli import build_parser
 from di_router.launcher.settings import Settings, resolve
 from tests.support import free_port, wait_until  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
-MODULES = (compile_cmd, serve_cmd, up_cmd, doctor)
-
-# The launcher subcommands exactly as `di-router` wires them, without the umbrella CLI's
-# other subcommands, so these tests depend only on the launcher.
-LAUNCHER_MAIN = """
-import argparse, sys
-from di_router.launcher import compile_cmd, doctor, serve_cmd, up_cmd
-parser = argparse.ArgumentParser(prog="di-router")
-sub = parser.add_subparsers(dest="command", required=True)
-for module in (compile_cmd, serve_cmd, up_cmd, doctor):
-    module.add_parser(sub)
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.func(args))
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="di-router")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for module in MODULES:
-        module.add_parser(sub)
-    return parser
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> tuple:
@@ -59,7 +36,8 @@ def launcher_env(**extra: str) -> dict[str, str]:
 
 
 def launcher_argv(*argv: str) -> list[str]:
-    return [sys.executable, "-c", LAUNCHER_MAIN, *argv]
+    """`di-router ...` as the installed console script runs it."""
+    return [sys.executable, "-m", "di_router.cli", *argv]
 
 
 def run_launcher(*argv: str, timeout: float = 30, **env: str) -> subprocess.CompletedProcess:

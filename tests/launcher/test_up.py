@@ -29,12 +29,15 @@ class Up:
 
     def __init__(self, *extra: str) -> None:
         self.router_port = free_port()
-        argv = launcher_argv(
+        self._start(
             "up", "--engine", "sim", "--model-path", MODEL,
             "--prefill-port", str(free_port()), "--decode-port", str(free_port()),
             "--router-port", str(self.router_port), "--kv-port", str(free_port()),
             "--ready-timeout", "30", *extra,
         )  # fmt: skip
+
+    def _start(self, *args: str) -> None:
+        argv = launcher_argv(*args)
         self.proc = subprocess.Popen(
             argv, env=launcher_env(), text=True, start_new_session=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
