@@ -14,7 +14,8 @@ from di_router.router.backends import make_pool
 from di_router.router.config import RouterConfig
 from di_router.router.health import HealthMonitor
 from di_router.router.metrics import RouterMetrics
-from di_router.router.proxy import Proxy, json_response
+from di_router.router.proxy import Proxy
+from di_router.router.responses import json_response
 from di_router.router.strategy import NeuronFirstToken
 from di_router.router.upstream import normalise_error_body
 from di_router.wire.errors import error_body
@@ -48,6 +49,7 @@ def create_app(config: RouterConfig) -> Quart:
     @app.after_serving
     async def _shutdown() -> None:
         await health.stop()
+        await proxy.aclose()
         await prefill.aclose()
         await decode.aclose()
 

@@ -83,6 +83,13 @@ class RouterMetrics:
         self.client_disconnects = Counter(
             "di_router_client_disconnects", "Clients that went away before the end.", m, **reg
         )
+        self.kv_releases = Counter(
+            "di_router_kv_releases",
+            "Prefill KV entries the router pulled itself after decode refused the request, "
+            "by outcome (released, not_needed, failed).",
+            ["outcome"],
+            **reg,
+        )
         self.backend_up = Gauge(
             "di_router_backend_up",
             "1 when the backend's /health answered 200 at the last poll.",

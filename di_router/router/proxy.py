@@ -1,8 +1,4 @@
-"""Serving one client request: validate, dispatch both legs at once, answer or stream.
-
-An `Exchange` owns everything a request holds (its legs, its trace, the in-flight gauge) and
-releases it exactly once, whether the request ends normally, fails, or the client goes away.
-"""
+"""Serving one client request: validate, dispatch both legs at once, answer or stream."""
 
 from __future__ import annotations
 
@@ -11,104 +7,27 @@ import contextlib
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import orjson
 from quart import Response, request
 from werkzeug.exceptions import HTTPException
 
-from di_router.router.access_log import write_access_line
 from di_router.router.backends import BackendPool
 from di_router.router.config import RouterConfig
+from di_router.router.exchange import Exchange
+from di_router.router.kv_release import release_pinned_kv
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
 from di_router.router.relay import StreamMerger, parse_chunk
+from di_router.router.responses import json_response
 from di_router.router.strategy import DIStrategy
 from di_router.router.trace import Outcome, RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
-from di_router.wire.errors import error_body, stream_error_payload
+from di_router.wire.errors import stream_error_payload
 from di_router.wire.sse import DONE_EVENT, SSE_CONTENT_TYPE, encode_event
 
-FORWARDED_HEADERS = ("traceparent", "tracestate")
 T = TypeVar("T")
-
-
-def json_response(body: Any, status: int = 200, request_id: str | None = None) -> Response:
-    response = Response(orjson.dumps(body), status=status, content_type="application/json")
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
-    return response
-
-
-class Exchange:
-    def __init__(self, proxy: Proxy, trace: RequestTrace) -> None:
-        self.proxy = proxy
-        self.trace = trace
-        self.legs: list[Leg] = []
-        self._streams: list[AsyncIterator[bytes]] = []
-        self._closed = False
-        self._closing: asyncio.Future[None] | None = None
-        self._finished = False
-        proxy.metrics.in_flight.inc()
-
-    def open_leg(self, pool: BackendPool, path: str, content: bytes, read_timeout: float) -> Leg:
-        headers = {"Content-Type": "application/json", "X-Request-Id": self.trace.router_id}
-        auth = request.headers.get("Authorization") or self.proxy.default_authorization
-        if auth:
-            headers["Authorization"] = auth
-        for name in FORWARDED_HEADERS:
-            if name in request.headers:
-                headers[name] = request.headers[name]
-        leg = Leg(pool.pick(), path, content, headers, read_timeout)
-        self.legs.append(leg)
-        return leg
-
-    def track(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        self._streams.append(stream)
-        return stream
-
-    async def aclose(self) -> None:
-        """Close both legs at once: each backend sees the disconnect and aborts its request."""
-        if self._closed:
-            return
-        self._closed = True
-        for stream in self._streams:
-            with contextlib.suppress(Exception):
-                await stream.aclose()  # type: ignore[attr-defined]
-        await asyncio.gather(*(leg.aclose() for leg in self.legs), return_exceptions=True)
-
-    def finish(self, status: int, outcome: Outcome, error: UpstreamError | None = None) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        trace = self.trace
-        trace.finished = time.perf_counter()
-        trace.status = status
-        trace.outcome = outcome
-        if error is not None:
-            trace.error_role, trace.error_type = error.role, error.error_type
-        proxy = self.proxy
-        proxy.metrics.in_flight.dec()
-        proxy.metrics.observe(trace, proxy.model_label(trace.model))
-        write_access_line(trace, proxy.config.log_format == "json")
-
-    def on_task_done(self, _: object) -> None:
-        """Safety net: runs when the request's task ends however it ended."""
-        self.finish(499, Outcome.CLIENT_DISCONNECT)
-        if not self._closed:
-            self._closing = asyncio.ensure_future(self.aclose())
-
-    def fail(self, status: int, message: str, param: str | None = None) -> Response:
-        self.finish(status, Outcome.CLIENT_ERROR)
-        return json_response(error_body(status, message, param), status, self.trace.router_id)
-
-    def upstream_failed(self, error: UpstreamError) -> Response:
-        if 400 <= error.status < 500 and error.error_type.startswith("http_"):
-            # The backend rejected the request itself (bad field, unknown model): not a failure.
-            self.finish(error.status, Outcome.CLIENT_ERROR)
-        else:
-            self.finish(error.status, Outcome.UPSTREAM_ERROR, error)
-        return json_response(error.body, error.status, self.trace.router_id)
 
 
 class Proxy:
@@ -127,6 +46,38 @@ class Proxy:
         self.metrics = metrics
         key = os.environ.get("OPENAI_API_KEY")
         self.default_authorization = f"Bearer {key}" if key else None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def aclose(self) -> None:
+        """Shutdown: stop background KV releases (the servers are going away too)."""
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _release_pinned_kv(self, exchange: Exchange, error: UpstreamError) -> None:
+        """Decode answered an HTTP error, so it never pulled prefill's KV: if prefill produces
+        (or produced) its token, its entry would pin a slot forever. Pull it in the background."""
+        decode = exchange.legs.get("decode")
+        if (
+            error.role != "decode"
+            or not error.error_type.startswith("http_")
+            or decode is None
+            or "prefill" not in exchange.legs
+            or exchange.body is None
+        ):
+            return
+        content = self.strategy.release_body(exchange.body)
+        if content is None:
+            return
+        prefill, step, stream = exchange.detach_prefill()
+        task = asyncio.create_task(
+            release_pinned_kv(
+                prefill, step, stream, decode, orjson.dumps(content),
+                self.config.prefill_timeout_s, self.metrics,
+            )
+        )  # fmt: skip
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def model_label(self, model: str | None) -> str:
         """The request's model if a decode server serves it: labels stay bounded."""
@@ -146,6 +97,7 @@ class Proxy:
         try:
             return await self._respond(exchange, path, chat=endpoint == "chat")
         except UpstreamError as error:
+            self._release_pinned_kv(exchange, error)
             await exchange.aclose()
             return exchange.upstream_failed(error)
         except BaseException:
@@ -166,6 +118,7 @@ class Proxy:
             return exchange.fail(400, f"The request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return exchange.fail(400, "The request body must be a JSON object.")
+        exchange.body = body
         trace = exchange.trace
         trace.model = body.get("model") if isinstance(body.get("model"), str) else None
         trace.stream = body.get("stream") is True
@@ -189,7 +142,8 @@ class Proxy:
     ) -> Response:
         trace = exchange.trace
         async with self._bounded_prefill(prefill):
-            prefill_body = await _unless_failed(decode, prefill.json())
+            exchange.prefill_step = asyncio.ensure_future(prefill.json())
+            prefill_body = await _unless_failed(decode, exchange.prefill_step)
         trace.prefill_done = time.perf_counter()
         body = await decode.json()
         await exchange.aclose()
@@ -217,12 +171,13 @@ class Proxy:
     ) -> Response:
         trace = exchange.trace
         merger = StreamMerger(trace, client_id, created, chat)
-        prefill_events = exchange.track(prefill.event_batches())
+        prefill_events = exchange.prefill_stream = prefill.event_batches()
         # Nothing is sent before prefill's first event and decode's headers are in, so an
         # error on either leg still reaches the client with its own status.
         async with self._bounded_prefill(prefill):
             try:
-                first = await _unless_failed(decode, anext(prefill_events))
+                exchange.prefill_step = asyncio.ensure_future(anext(prefill_events))
+                first = await _unless_failed(decode, exchange.prefill_step)
             except StopAsyncIteration:
                 raise UpstreamError.make(
                     "prefill", 502, "stream_cut", "prefill server ended its stream without a token"
@@ -276,25 +231,21 @@ def _merged(
     return b"".join(event for data in batch if (event := merge(parse_chunk(role, data))))
 
 
-async def _unless_failed(decode: Leg, step: Awaitable[T]) -> T:
+async def _unless_failed(decode: Leg, step: asyncio.Task[T]) -> T:
     """Await a prefill step, unless the decode leg fails first: then raise decode's error now.
 
-    A decode leg that is refused, rejected (4xx) or times out before prefill finishes makes the
-    prefill result useless; waiting for it would delay the answer and, on a KV producer, pin a
-    KV entry that no consumer will ever pull. The caller's cleanup closes the prefill leg.
+    A decode leg that is refused, rejected (4xx) or times out before prefill finishes makes
+    waiting for prefill pointless: the client gets decode's error at once. The step is left
+    running; its owner (the exchange, or a KV release) decides what happens to it.
     """
-    task = asyncio.ensure_future(step)
     watch = asyncio.ensure_future(decode.settled())
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
-        if not task.done():
+        await asyncio.wait((step, watch), return_when=asyncio.FIRST_COMPLETED)
+        if not step.done():
             await decode.response()  # raises UpstreamError if decode failed; else keep waiting
-        return await task
+        return await asyncio.shield(step)
     finally:
         watch.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.wait((task,))
 
 
 @contextlib.asynccontextmanager

@@ -68,6 +68,8 @@ class Leg:
     ) -> None:
         self.backend = backend
         self.role = backend.role
+        self.path = path
+        self.headers = headers
         client = backend.client
         timeout = client.timeout
         request = client.build_request(

@@ -20,7 +20,9 @@ PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
 DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
 
 # Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
-ALLOWED_LABELS = {"model_name", "endpoint", "status", "role", "error_type", "backend", "le"}
+ALLOWED_LABELS = {
+    "model_name", "endpoint", "status", "role", "error_type", "backend", "outcome", "le",
+}
 
 
 # -- metrics ---------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def post(url: str, body: dict[str, Any], stream: bool, timeout: float = 30) -> h
 
 # -- 1. upstream error before the first byte ---------------------------------------------------
 
-PREFILL_MAX_LEN, DECODE_MAX_LEN = 64, 32
+PREFILL_MAX_LEN, DECODE_MAX_LEN = 64, 44
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +80,31 @@ def test_unknown_model_is_404(reject, stream):
     wait_idle(reject.router, *reject.sims)
 
 
+def _released(s, before: dict[str, Any]) -> dict[str, Any]:
+    """Wait until the prefill's entry for the refused request was pulled and nothing is held."""
+
+    def done() -> dict[str, Any] | None:
+        after = sim_stats(s.prefill)
+        kv = after["kv"]
+        made = kv["produced"] - before["kv"]["produced"]
+        ok = made == 1 and kv["pulled"] - before["kv"]["pulled"] == 1 and kv["pending"] == 0
+        return after if ok and after["slots_in_use"] == 0 else None
+
+    return wait_until(done, 8, "the prefill KV entry released by the router")
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_decode_only_rejection_reaches_client_and_aborts_prefill(reject, stream):
+def test_decode_only_rejection_reaches_client_and_releases_prefill_kv(reject, stream):
     """Only decode refuses (its context is smaller): the client gets decode's 400 at once.
 
-    Prefill is still computing when decode's 400 arrives, so the router closes the prefill
-    leg and the prefill server aborts it: no KV entry is produced, no slot stays pinned. (Had
-    prefill finished first, its entry would stay pinned until the KV TTL -- on Neuron V0 there
-    is no way to release it -- which is why the router must not wait for prefill here.)
+    Prefill is still computing when decode's 400 arrives. The router does not wait for it, but
+    lets it finish in the background and then pulls its KV entry with a one-token decode
+    request under the same X-Request-Id: on Neuron V0 nothing else would ever free that slot.
     """
-    body = completion(" ".join(["word"] * 40))  # 41 tokens: 42 fit prefill, 45 not decode
+    # 41 prompt tokens: with 1 token (prefill, and the release) they fit both; with 4, not decode
+    body = completion(" ".join(["word"] * 40))
     before = sim_stats(reject.prefill)
+    releases = metric(reject.router, "di_router_kv_releases_total", outcome="released")
     start = time.monotonic()
     got = post(reject.router.url, body, stream)
     elapsed = time.monotonic() - start
@@ -98,16 +112,16 @@ def test_decode_only_rejection_reaches_client_and_aborts_prefill(reject, stream)
     assert err == httpx.post(reject.decode.url + "/v1/completions", json=body).json()
     assert f"maximum context length is {DECODE_MAX_LEN}" in err["message"]
     assert elapsed < 0.8, f"the router waited {elapsed:.2f}s for prefill before answering"
-    stats = wait_idle(reject.router, *reject.sims)
-    after = stats[reject.prefill]
-    assert after["aborted"] == before["aborted"] + 1
-    assert after["kv"]["produced"] == before["kv"]["produced"]
-    assert after["kv"]["pending"] == 0 and after["slots_in_use"] == 0
+    after = _released(reject, before)
+    assert after["aborted"] == before["aborted"] and after["kv"]["expired"] == 0
+    wait_idle(reject.router, *reject.sims)
+    assert metric(reject.router, "di_router_kv_releases_total", outcome="released") == releases + 1
 
 
 @pytest.fixture(scope="module")
 def reject_fast_prefill():
-    """As `reject`, but prefill is instant and unpulled KV entries expire after 1 s."""
+    """As `reject`, but prefill is instant (it finishes before decode's 400 reaches the router)
+    and unpulled KV entries expire after 1 s."""
     with di_stack(
         prefill_extra=["--max-model-len", str(PREFILL_MAX_LEN), "--sim-kv-entry-ttl", "1"],
         decode_extra=["--max-model-len", str(DECODE_MAX_LEN), "--sim-kv-timeout", "5"],
@@ -115,36 +129,36 @@ def reject_fast_prefill():
         yield s
 
 
-def test_decode_only_rejection_after_prefill_finished_pins_kv_until_ttl(reject_fast_prefill):
-    """When prefill finishes before decode's 400 arrives, nothing can release its KV entry.
-
-    Neuron V0 has no API to drop an unpulled entry: it pins its slot until a consumer pulls it
-    (never, here) or, in the simulator, until `--sim-kv-entry-ttl`. The client still gets
-    decode's 400 at once, and no slot is held beyond the pinned entry.
-    """
+@pytest.mark.parametrize("stream", [False, True])
+def test_decode_only_rejection_after_prefill_finished_releases_kv(reject_fast_prefill, stream):
+    """Prefill already produced its entry: the router's one-token pull frees it (no TTL here)."""
     s = reject_fast_prefill
-    body = completion(" ".join(["word"] * 40))
     before = sim_stats(s.prefill)
-    got = post(s.router.url, body, stream=False)
+    got = post(s.router.url, completion(" ".join(["word"] * 40)), stream)
     err = is_openai_error(got, 400)
     assert f"maximum context length is {DECODE_MAX_LEN}" in err["message"]
+    _released(s, before)
+    wait_idle(s.router, s.prefill, s.decode)
+    assert sim_stats(s.prefill)["kv"]["expired"] == before["kv"]["expired"]
 
-    def settled() -> dict[str, Any] | None:
-        after = sim_stats(s.prefill)
-        pinned = after["kv"]["produced"] - before["kv"]["produced"]
-        aborted = after["aborted"] - before["aborted"]
-        # Instant prefill: either outcome may win the race, but exactly one happens.
-        done = pinned + aborted == 1 and after["slots_in_use"] == after["kv"]["pending"]
-        return after if done else None
 
-    after = wait_until(settled, 5, "prefill leg pinned or aborted")
-    pinned = after["kv"]["produced"] - before["kv"]["produced"]
-    expired = after["kv"]["expired"] - before["kv"]["expired"]
-    assert after["slots_in_use"] == pinned - expired  # held by the pinned entry only
-    # The TTL is the only release; afterwards nothing is held.
-    stats = wait_idle(s.router, s.prefill, s.decode, timeout=5)
-    assert stats[s.prefill]["kv"]["expired"] == before["kv"]["expired"] + pinned
-    assert stats[s.prefill]["kv"]["pulled"] == before["kv"]["pulled"]
+def test_prompt_decode_cannot_hold_pins_kv_until_ttl(reject_fast_prefill):
+    """A prompt longer than decode's whole context: decode also refuses the one-token pull, so
+    nothing can free the entry (Neuron V0 has no API for it); only the simulator's TTL does.
+    The router reports it as a failed release."""
+    s = reject_fast_prefill
+    before = sim_stats(s.prefill)
+    failed = metric(s.router, "di_router_kv_releases_total", outcome="failed")
+    got = post(s.router.url, completion(" ".join(["word"] * 50)), stream=False)  # 51 > 44
+    is_openai_error(got, 400)
+    wait_until(
+        lambda: metric(s.router, "di_router_kv_releases_total", outcome="failed") == failed + 1,
+        5, "the failed release counted",
+    )  # fmt: skip
+    stats = wait_idle(s.router, s.prefill, s.decode)
+    kv, was = stats[s.prefill]["kv"], before["kv"]
+    assert kv["produced"] - was["produced"] == kv["expired"] - was["expired"] == 1
+    assert kv["pulled"] == was["pulled"]
 
 
 # -- 2. a backend that refuses connections -----------------------------------------------------
