@@ -17,6 +17,7 @@ from quart import Response, request
 
 from di_router.router.access_log import write_access_line
 from di_router.router.backends import BackendPool
+from di_router.router.request_view import RequestView
 from di_router.router.responses import json_response
 from di_router.router.trace import Outcome, RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
@@ -33,6 +34,7 @@ class Exchange:
         self.proxy = proxy
         self.trace = trace
         self.body: dict[str, Any] | None = None
+        self.view: RequestView | None = None
         self.legs: dict[str, Leg] = {}
         self.prefill_step: asyncio.Task[Any] | None = None
         """Reading prefill's answer (its JSON, or its first stream events)."""

@@ -20,6 +20,7 @@ from di_router.router.exchange import Exchange
 from di_router.router.kv_release import release_pinned_kv
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
 from di_router.router.relay import StreamMerger, parse_chunk
+from di_router.router.request_view import InvalidField, read_request
 from di_router.router.responses import json_response
 from di_router.router.strategy import DIStrategy
 from di_router.router.trace import Outcome, RequestTrace
@@ -64,9 +65,10 @@ class Proxy:
             or decode is None
             or "prefill" not in exchange.legs
             or exchange.body is None
+            or exchange.view is None
         ):
             return
-        content = self.strategy.release_body(exchange.body)
+        content = self.strategy.release_body(exchange.body, exchange.view)
         if content is None:
             return
         prefill, step, stream = exchange.detach_prefill()
@@ -118,16 +120,20 @@ class Proxy:
             return exchange.fail(400, f"The request body is not valid JSON: {exc}")
         if not isinstance(body, dict):
             return exchange.fail(400, "The request body must be a JSON object.")
-        exchange.body = body
         trace = exchange.trace
         trace.model = body.get("model") if isinstance(body.get("model"), str) else None
-        trace.stream = body.get("stream") is True
-        problem = self.strategy.unsupported(body, chat)
+        try:
+            view = read_request(body)
+        except InvalidField as exc:
+            return exchange.fail(400, exc.message, exc.param)
+        exchange.body, exchange.view = body, view
+        trace.stream = view.streaming
+        problem = self.strategy.unsupported(view, chat)
         if problem is not None:
             return exchange.fail(400, problem[1], problem[0])
         cfg = self.config
         # Both legs leave now: decode must hold the request to reserve its slot early.
-        prefill_content = orjson.dumps(self.strategy.prefill_body(body))
+        prefill_content = orjson.dumps(self.strategy.prefill_body(body, view))
         prefill = exchange.open_leg(self.prefill, path, prefill_content, cfg.prefill_timeout_s)
         decode = exchange.open_leg(self.decode, path, raw, cfg.decode_timeout_s)
         hex_id = trace.router_id.removeprefix("cmpl-")

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from di_router.router.request_view import RequestView
+
 
 class DIStrategy(Protocol):
     name: str
 
-    def unsupported(self, body: dict[str, Any], chat: bool) -> tuple[str, str] | None:
+    def unsupported(self, view: RequestView, chat: bool) -> tuple[str, str] | None:
         """(field, reason) for a request this protocol cannot answer exactly, else None."""
 
-    def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+    def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
         """The body the prefill leg sends."""
 
-    def release_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def release_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any] | None:
         """A decode request that frees prefill's KV if decode refused the original, or None
         when the protocol does not pin KV on the prefill server."""
 
@@ -29,45 +31,44 @@ class DIStrategy(Protocol):
 class NeuronFirstToken:
     name = "neuron-first-token"
 
-    def unsupported(self, body: dict[str, Any], chat: bool) -> tuple[str, str] | None:
-        if _number(body.get("n"), 1) != 1:
+    def unsupported(self, view: RequestView, chat: bool) -> tuple[str, str] | None:
+        if view.n not in (None, 1):
             return "n", "n > 1 is not supported with disaggregated inference"
-        if _number(body.get("best_of"), 1) != 1:
+        if view.best_of not in (None, 1):
             return "best_of", "best_of > 1 is not supported with disaggregated inference"
-        if body.get("use_beam_search"):
+        if view.use_beam_search:
             return "use_beam_search", "beam search is not supported with disaggregated inference"
-        if body.get("prompt_logprobs"):
+        if view.prompt_logprobs:
             return "prompt_logprobs", (
                 "prompt_logprobs cannot be computed: the decode server skips the prompt's forward "
                 "pass when it receives the KV cache"
             )
-        if not chat and body.get("echo") and body.get("logprobs") is not None:
+        if not chat and view.echo and view.logprobs is not None:
             return "logprobs", (
                 "echo with logprobs needs prompt logprobs, which the decode server cannot compute "
                 "with disaggregated inference"
             )
         return None
 
-    def prefill_body(self, body: dict[str, Any]) -> dict[str, Any]:
+    def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
         """Cap generation at the first token; everything else that shapes it stays the same."""
         prefill = dict(body)
         prefill["max_tokens"] = 1
         if "max_completion_tokens" in prefill:
             prefill["max_completion_tokens"] = 1
         # Keep "no EOS as the first token" (min_tokens >= 1) while staying <= max_tokens.
-        if _number(prefill.pop("min_tokens", 0), 0) >= 1:
+        prefill.pop("min_tokens", None)
+        if view.min_tokens is not None and view.min_tokens >= 1:
             prefill["min_tokens"] = 1
         prefill.pop("min_completion_tokens", None)
         prefill.pop("stream_options", None)
-        if prefill.get("stream") is True:
+        if view.streaming:
             # The router drops this usage chunk; it only tells the router the prompt size.
             prefill["stream_options"] = {"include_usage": True}
         return prefill
 
-    def release_body(self, body: dict[str, Any]) -> dict[str, Any] | None:
+    def release_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any] | None:
         """One token, not streamed: decode pulls the entry (same X-Request-Id) and finishes."""
-        return self.prefill_body({**body, "stream": False})
-
-
-def _number(value: Any, default: int) -> Any:
-    return default if value is None else value
+        return self.prefill_body(
+            {**body, "stream": False}, view.model_copy(update={"stream": False})
+        )
