@@ -14,6 +14,7 @@ import pytest
 def _session_tmpdir() -> Iterator[None]:
     """Server processes inherit TMPDIR, so their files go here too; all removed at the end."""
     root = tempfile.mkdtemp(prefix="di-router-tests-")
+    os.chmod(root, 0o755)  # traversable, like /tmp: some tests act as another user
     previous_env, previous_default = os.environ.get("TMPDIR"), tempfile.tempdir
     os.environ["TMPDIR"] = tempfile.tempdir = root
     try:
