@@ -15,10 +15,10 @@ from di_router.router.config import RouterConfig
 from di_router.router.health import HealthMonitor
 from di_router.router.metrics import RouterMetrics
 from di_router.router.proxy import Proxy
-from di_router.router.responses import json_response
 from di_router.router.strategy import NeuronFirstToken
 from di_router.router.upstream import normalise_error_body
 from di_router.wire.errors import error_body
+from di_router.wire.responses import json_response
 
 CONFIG_ENV = "DI_ROUTER_CONFIG_JSON"
 

@@ -18,10 +18,10 @@ from quart import Response, request
 from di_router.router.access_log import write_access_line
 from di_router.router.backends import BackendPool
 from di_router.router.request_view import RequestView
-from di_router.router.responses import json_response
 from di_router.router.trace import Outcome, RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
 from di_router.wire.errors import error_body
+from di_router.wire.responses import json_response
 
 if TYPE_CHECKING:
     from di_router.router.proxy import Proxy

@@ -21,11 +21,11 @@ from di_router.router.kv_release import release_pinned_kv
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
 from di_router.router.relay import StreamMerger, parse_chunk
 from di_router.router.request_view import InvalidField, read_request
-from di_router.router.responses import json_response
 from di_router.router.strategy import DIStrategy
 from di_router.router.trace import Outcome, RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
 from di_router.wire.errors import stream_error_payload
+from di_router.wire.responses import json_response
 from di_router.wire.sse import DONE_EVENT, SSE_CONTENT_TYPE, encode_event
 
 T = TypeVar("T")
