@@ -17,6 +17,13 @@ class Backend:
     client: httpx.AsyncClient
     healthy: bool = False
     model_names: tuple[str, ...] = field(default_factory=tuple)
+    _urls: dict[str, httpx.URL] = field(default_factory=dict, repr=False)
+
+    def url_for(self, path: str) -> httpx.URL:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.url + path)
+        return url
 
 
 class BackendPool:

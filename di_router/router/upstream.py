@@ -72,15 +72,16 @@ class Leg:
         self.headers = headers
         client = backend.client
         timeout = client.timeout
-        request = client.build_request(
+        # A Request built directly is about 4x cheaper than client.build_request (which parses
+        # and merges the URL every time); the backend keeps the parsed URL per path.
+        request = httpx.Request(
             "POST",
-            path,
+            backend.url_for(path),
             content=content,
             headers=headers,
-            timeout=httpx.Timeout(
-                timeout.connect, read=read_timeout, write=timeout.write, pool=timeout.pool
-            ),
-        )
+            extensions={"timeout": {"connect": timeout.connect, "read": read_timeout,
+                                    "write": timeout.write, "pool": timeout.pool}},
+        )  # fmt: skip
         self._task = asyncio.ensure_future(client.send(request, stream=True))
         self._response: httpx.Response | None = None
 
