@@ -23,7 +23,10 @@ def hypercorn_config(host: str, port: int, **overrides: object) -> Config:
     config.accesslog = None
     # A Logger instance is used as-is: records propagate to the root logging configuration.
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75  # longer than clients' pooled keep-alive: no stale sockets
+    # vLLM's uvicorn default, so clients see the same keep-alive as with vLLM. Also the bound on
+    # how long Hypercorn holds a connection the client already closed (it closes it only when
+    # this timer fires), so it must stay short or closed sockets pile up under churn.
+    config.keep_alive_timeout = 5
     config.backlog = 2048
     for key, value in overrides.items():
         setattr(config, key, value)

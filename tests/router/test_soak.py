@@ -1,0 +1,94 @@
+"""A bounded soak: rounds of mixed traffic (streams, unary, disconnects, bad input, refusals)
+leave the router with no request in flight, no KV entry pinned and no file descriptor leaked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+
+import httpx
+import pytest
+
+from tests.router.conftest import wait_idle
+from tests.support import MODEL, di_stack, sim_stats, wait_until
+
+ROUNDS, PER_ROUND, CONCURRENCY = 3, 150, 12
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _client_sockets(port: int) -> int:
+    """TCP sockets on the router's port other than the listener (any state, CLOSE-WAIT too)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if int(local.rsplit(":", 1)[1], 16) == port and state != "0A":
+                    count += 1
+    return count
+
+
+async def _one(client: httpx.AsyncClient, url: str, rng: random.Random) -> None:
+    kind = rng.choice(["stream", "unary", "disconnect", "bad_json", "refused", "chat"])
+    prompt = "a tornado is a"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    if kind == "bad_json":
+        got = await client.post(url + "/v1/completions", content=b"{not json")
+        assert got.status_code == 400
+    elif kind == "refused":  # decode's context is smaller: only decode refuses
+        got = await client.post(url + "/v1/completions", json={**body, "max_tokens": 60})
+        assert got.status_code == 400
+    elif kind == "unary":
+        got = await client.post(url + "/v1/completions", json=body)
+        assert got.status_code == 200
+    else:
+        path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+        if kind == "chat":
+            body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 8, "temperature": 0}
+        async with client.stream("POST", url + path, json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            async for chunk in response.aiter_raw():
+                if kind == "disconnect" and chunk:
+                    break  # leaving the block closes the connection mid-stream
+
+
+async def _round(url: str, seed: int) -> None:
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        semaphore = asyncio.Semaphore(CONCURRENCY)
+
+        async def bounded() -> None:
+            async with semaphore:
+                await _one(client, url, rng)
+
+        await asyncio.gather(*(bounded() for _ in range(PER_ROUND)))
+
+
+@pytest.mark.timeout(240)
+def test_rounds_of_mixed_traffic_leak_nothing():
+    with di_stack(
+        prefill_extra=["--max-model-len", "64"],
+        decode_extra=["--max-model-len", "40", "--sim-decode-base-ms", "2"],
+    ) as s:
+        pid = s.router.popen.pid
+        port = int(s.router.url.rsplit(":", 1)[1])
+        fds = []
+        for round_no in range(ROUNDS):
+            asyncio.run(_round(s.router.url, round_no))
+            stats = wait_idle(s.router, *s.sims, timeout=20)
+            kv = stats[s.prefill]["kv"]
+            assert kv["produced"] == kv["pulled"] and kv["pending"] == 0, kv
+            # Every client connection is gone within the keep-alive timeout (5 s) ...
+            wait_until(lambda: _client_sockets(port) == 0, 10, "client connections closed")
+            fds.append(_open_fds(pid))
+        # ... and pooled backend connections (at most one per concurrent request and backend)
+        # do not grow from round to round.
+        assert fds[-1] <= fds[0] + 4, fds
+        assert sim_stats(s.decode)["aborted"] > 0  # the disconnects really happened
