@@ -21,7 +21,14 @@ DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
 
 # Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
 ALLOWED_LABELS = {
-    "model_name", "endpoint", "status", "role", "error_type", "backend", "outcome", "le",
+    "model_name",
+    "endpoint",
+    "status",
+    "role",
+    "error_type",
+    "backend",
+    "outcome",
+    "le",
 }
 
 
@@ -119,9 +126,12 @@ def dashboard_exprs(dash: dict[str, Any], variables: bool = True) -> list[str]:
 
 def exported_names(text: str) -> set[str]:
     """Series names Prometheus stores from an exposition, by each family's declared type."""
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum",
-                                                                  "_created"),
-                "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "gauge": ("",),
+        "summary": ("", "_count", "_sum", "_created"),
+    }
     names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + s for s in suffixes.get(family.type, ("",)))

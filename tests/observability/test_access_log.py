@@ -18,8 +18,19 @@ from tests.observability.conftest import wait_settled
 from tests.sse_strict import parse_sse
 from tests.support import MODEL, Proc, di_stack, wait_until
 
-KEYS = ("router_id", "client_request_id", "endpoint", "status", "prompt_tokens",
-        "completion_tokens", "ttft_ms", "prefill_ms", "handoff_ms", "total_ms", "outcome")
+KEYS = (
+    "router_id",
+    "client_request_id",
+    "endpoint",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "prefill_ms",
+    "handoff_ms",
+    "total_ms",
+    "outcome",
+)
 SIM_FLAGS = {
     "prefill_extra": ["--sim-prefill-per-token-us", "5000"],
     "decode_extra": ["--sim-kv-timeout", "0.8"],
@@ -33,26 +44,38 @@ TEXT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 def body(prompt: str, stream: bool) -> dict[str, Any]:
     extra = {"stream_options": {"include_usage": True}} if stream else {}
-    return {"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 0,
-            "stream": stream, **extra}
+    return {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": stream,
+        **extra,
+    }
 
 
 def send_mix(router: Proc) -> dict[str, Any]:
     """ok (streamed), upstream error, client disconnect; returns what the client saw."""
     url = router.url + "/v1/completions"
-    ok = httpx.post(url, json=body("hello there", True), headers={"X-Request-Id": CLIENT_OK},
-                    timeout=30)
+    ok = httpx.post(
+        url, json=body("hello there", True), headers={"X-Request-Id": CLIENT_OK}, timeout=30
+    )
     assert ok.status_code == 200, ok.text
     usage = next(c["usage"] for c in parse_sse(ok.content) if c.get("usage"))
-    fail = httpx.post(url, json=body(LONG_PROMPT, False),
-                      headers={"X-Request-Id": CLIENT_FAIL}, timeout=30)
+    fail = httpx.post(
+        url, json=body(LONG_PROMPT, False), headers={"X-Request-Id": CLIENT_FAIL}, timeout=30
+    )
     assert fail.status_code == 500, fail.text
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url, json=body(LONG_PROMPT, True), headers={"X-Request-Id": CLIENT_GONE},
-                   timeout=0.2)
+        httpx.post(
+            url, json=body(LONG_PROMPT, True), headers={"X-Request-Id": CLIENT_GONE}, timeout=0.2
+        )
     wait_settled(router, 3)
-    return {"ok_id": ok.headers["X-Request-Id"], "usage": usage,
-            "fail_id": fail.headers["X-Request-Id"]}
+    return {
+        "ok_id": ok.headers["X-Request-Id"],
+        "usage": usage,
+        "fail_id": fail.headers["X-Request-Id"],
+    }
 
 
 def parse_text_line(line: str) -> dict[str, Any]:
@@ -108,13 +131,13 @@ def test_text_access_lines():
 
 def test_json_access_lines_alone_on_stdout(tmp_path):
     stderr = tmp_path / "router.stderr"
-    with di_stack(**SIM_FLAGS, router_extra=["--log-format", "json"],
-                   router_stderr=stderr) as stack:
+    with di_stack(
+        **SIM_FLAGS, router_extra=["--log-format", "json"], router_stderr=stderr
+    ) as stack:
         seen = send_mix(stack.router)
 
         def records() -> list[dict[str, Any]] | None:
-            out = [json.loads(ln) for ln in stack.router.log().splitlines()
-                   if ln.startswith("{")]
+            out = [json.loads(ln) for ln in stack.router.log().splitlines() if ln.startswith("{")]
             return out if len(out) >= 3 else None
 
         found = wait_until(records, 5, "three JSON access lines on stdout")

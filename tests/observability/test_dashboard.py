@@ -42,21 +42,29 @@ def test_dashboard_is_a_grafana_model_with_the_required_panels():
         for q in quantiles:
             assert any(f"histogram_quantile({q}," in e and series in e for e in exprs), what
     joined = "\n".join(exprs)
-    for series in ("di_router_requests_total", "di_router_upstream_errors_total",
-                   "di_router_requests_in_flight", "di_router_backend_up"):
+    for series in (
+        "di_router_requests_total",
+        "di_router_upstream_errors_total",
+        "di_router_requests_in_flight",
+        "di_router_backend_up",
+    ):
         assert series in joined, series
     assert 'status!~"2.."' in joined  # the error rate counts every non-2xx answer
 
 
 def test_every_query_names_an_exported_metric():
     with di_stack() as stack:
-        r = httpx.post(stack.router.url + "/v1/completions", timeout=30,
-                       json={"model": MODEL, "prompt": "hi there", "max_tokens": 3,
-                             "stream": True})
+        r = httpx.post(
+            stack.router.url + "/v1/completions",
+            timeout=30,
+            json={"model": MODEL, "prompt": "hi there", "max_tokens": 3, "stream": True},
+        )
         assert r.status_code == 200
-        exported = (exported_names(scrape(stack.router.url))
-                    | exported_names(scrape(stack.prefill.url))
-                    | exported_names(scrape(stack.decode.url)))
+        exported = (
+            exported_names(scrape(stack.router.url))
+            | exported_names(scrape(stack.prefill.url))
+            | exported_names(scrape(stack.decode.url))
+        )
     exprs = dashboard_exprs(dashboard())
     assert exprs
     named = {name for e in exprs for name in METRIC_NAME.findall(e)}

@@ -41,13 +41,17 @@ def stack():
 
 
 def completion(prompt: str = "hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-            **extra}
+    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
 
 
 def chat(text: str = "hello there", **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": text}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        **extra,
+    }
 
 
 STREAM = {"stream": True, "stream_options": {"include_usage": True}}
@@ -64,8 +68,9 @@ def streamed(url: str, endpoint: str, body: dict[str, Any], rid: str) -> tuple[d
     tokens = 0
     for c in chunks:
         for choice in c["choices"]:
-            piece = choice.get("text") if endpoint == "completions" else choice["delta"].get(
-                "content")
+            piece = (
+                choice.get("text") if endpoint == "completions" else choice["delta"].get("content")
+            )
             tokens += bool(piece)  # each sim token is a non-empty word
     return usage[0], tokens, r.headers["X-Request-Id"]
 
@@ -78,8 +83,11 @@ def test_known_mix_gives_exact_metrics(stack):
 
     # 3 streamed successes (2 completions, 1 chat).
     for i, (endpoint, body) in enumerate(
-        [("completions", completion(**STREAM)), ("completions", completion("a b c", **STREAM)),
-         ("chat", chat(**STREAM))]
+        [
+            ("completions", completion(**STREAM)),
+            ("completions", completion("a b c", **STREAM)),
+            ("chat", chat(**STREAM)),
+        ]
     ):
         usage, tokens, rid = streamed(url, endpoint, body, client_ids[i])
         assert usage["completion_tokens"] == tokens == MAX_TOKENS
@@ -90,8 +98,9 @@ def test_known_mix_gives_exact_metrics(stack):
 
     # 2 unary successes.
     for i, (endpoint, body) in enumerate([("completions", completion()), ("chat", chat())], 3):
-        r = httpx.post(url + PATHS[endpoint], json=body,
-                       headers={"X-Request-Id": client_ids[i]}, timeout=30)
+        r = httpx.post(
+            url + PATHS[endpoint], json=body, headers={"X-Request-Id": client_ids[i]}, timeout=30
+        )
         assert r.status_code == 200, r.text
         prompt_tokens += r.json()["usage"]["prompt_tokens"]
         generation_tokens += r.json()["usage"]["completion_tokens"]
@@ -101,21 +110,33 @@ def test_known_mix_gives_exact_metrics(stack):
     r = httpx.post(url + PATHS["chat"], json=chat(n=2), headers={"X-Request-Id": client_ids[5]})
     assert r.status_code == 400, r.text
     router_ids.append(r.headers["X-Request-Id"])
-    r = httpx.post(url + PATHS["completions"], json=completion(LONG_PROMPT, max_tokens=10_000),
-                   headers={"X-Request-Id": client_ids[6]}, timeout=30)
+    r = httpx.post(
+        url + PATHS["completions"],
+        json=completion(LONG_PROMPT, max_tokens=10_000),
+        headers={"X-Request-Id": client_ids[6]},
+        timeout=30,
+    )
     assert r.status_code == 400, r.text
     router_ids.append(r.headers["X-Request-Id"])
 
     # Upstream failure: prefill is slower than decode's KV wait, so decode answers 500.
-    r = httpx.post(url + PATHS["completions"], json=completion(LONG_PROMPT),
-                   headers={"X-Request-Id": client_ids[7]}, timeout=30)
+    r = httpx.post(
+        url + PATHS["completions"],
+        json=completion(LONG_PROMPT),
+        headers={"X-Request-Id": client_ids[7]},
+        timeout=30,
+    )
     assert r.status_code == 500, r.text
     router_ids.append(r.headers["X-Request-Id"])
 
     # The client gives up during prefill, before any byte of the answer.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(url + PATHS["completions"], json=completion(LONG_PROMPT, **STREAM),
-                   headers={"X-Request-Id": client_ids[8]}, timeout=CLIENT_GIVES_UP_S)
+        httpx.post(
+            url + PATHS["completions"],
+            json=completion(LONG_PROMPT, **STREAM),
+            headers={"X-Request-Id": client_ids[8]},
+            timeout=CLIENT_GIVES_UP_S,
+        )
 
     text = wait_settled(stack.router, 9)
 
@@ -137,13 +158,18 @@ def test_known_mix_gives_exact_metrics(stack):
     assert count("prefill_latency_seconds") == 5  # prefill finished for the 5 successes only
     assert count("kv_handoff_seconds") == 3  # decode's first token, on the 3 streams
     assert count("inter_token_latency_seconds") == itl_gaps == 3 * (MAX_TOKENS - 1)
-    for name in ("e2e_request_latency_seconds", "time_to_first_token_seconds",
-                 "prefill_latency_seconds", "kv_handoff_seconds",
-                 "inter_token_latency_seconds"):
+    for name in (
+        "e2e_request_latency_seconds",
+        "time_to_first_token_seconds",
+        "prefill_latency_seconds",
+        "kv_handoff_seconds",
+        "inter_token_latency_seconds",
+    ):
         assert value(text, f"di_router_{name}_bucket", le="+Inf") == count(name), name
     # The failed request waited for decode's KV timeout: at least one e2e above 0.8 s.
     e2e_over = count("e2e_request_latency_seconds") - value(
-        text, "di_router_e2e_request_latency_seconds_bucket", le="0.8")
+        text, "di_router_e2e_request_latency_seconds_bucket", le="0.8"
+    )
     assert e2e_over >= 1
     assert value(text, "di_router_e2e_request_latency_seconds_sum") >= KV_TIMEOUT_S
 

@@ -20,9 +20,12 @@ def probe(url: str) -> tuple[int, dict[str, Any], float, float]:
     assert health.status_code == 200, health.text  # liveness never depends on the backends
     ready = httpx.get(url + "/ready", timeout=2)
     text = scrape(url)
-    return (ready.status_code, ready.json(),
-            value(text, "di_router_backend_up", role="decode"),
-            value(text, "di_router_backend_up", role="prefill"))
+    return (
+        ready.status_code,
+        ready.json(),
+        value(text, "di_router_backend_up", role="decode"),
+        value(text, "di_router_backend_up", role="prefill"),
+    )
 
 
 def test_ready_follows_decode_server_down_and_up():
@@ -47,13 +50,19 @@ def test_ready_follows_decode_server_down_and_up():
         try:
             again.wait_ready()
             up = wait_until(lambda: (p := probe(url))[0] == 200 and p, 5, "/ready 200 again")
-            assert up[1] == {"ready": True, "prefill": {prefill_url: "up"},
-                             "decode": {decode_url: "up"}}
+            assert up[1] == {
+                "ready": True,
+                "prefill": {prefill_url: "up"},
+                "decode": {decode_url: "up"},
+            }
             wait_until(lambda: probe(url)[2] == 1, 5, "backend_up{role=decode} 1")
 
             # The new decode server really serves: a DI request goes through.
-            r = httpx.post(url + "/v1/completions", timeout=30,
-                           json={"model": MODEL, "prompt": "back again", "max_tokens": 3})
+            r = httpx.post(
+                url + "/v1/completions",
+                timeout=30,
+                json={"model": MODEL, "prompt": "back again", "max_tokens": 3},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["completion_tokens"] == 3
         finally:

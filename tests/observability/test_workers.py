@@ -29,9 +29,17 @@ BATCH = 8
 
 def request(url: str, i: int) -> dict:
     # A new connection per request, so the kernel hands requests to either worker.
-    r = httpx.post(url + "/v1/completions", headers={"Connection": "close"}, timeout=30,
-                   json={"model": MODEL, "prompt": f"request number {i}",
-                         "max_tokens": MAX_TOKENS, "temperature": 0})
+    r = httpx.post(
+        url + "/v1/completions",
+        headers={"Connection": "close"},
+        timeout=30,
+        json={
+            "model": MODEL,
+            "prompt": f"request number {i}",
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200, r.text
     return r.json()["usage"]
 
@@ -44,11 +52,17 @@ def workers_with_requests(metrics_dir: Path) -> int:
 def test_two_workers_add_up(tmp_path):
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
-    with di_stack(decode_extra=["--sim-decode-base-ms", "20"], router_extra=["--workers", "2"],
-                   env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}) as stack:
+    with di_stack(
+        decode_extra=["--sim-decode-base-ms", "20"],
+        router_extra=["--workers", "2"],
+        env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    ) as stack:
         url = stack.router.url
-        wait_until(lambda: len(list(metrics_dir.glob("gauge_livesum_*.db"))) == 2, 15,
-                   "two workers started")
+        wait_until(
+            lambda: len(list(metrics_dir.glob("gauge_livesum_*.db"))) == 2,
+            15,
+            "two workers started",
+        )
         sent, prompt, generated = 0, 0, 0
         with ThreadPoolExecutor(BATCH) as pool:
             # Concurrent batches until both workers have answered some (bounded).
@@ -73,8 +87,7 @@ def test_two_workers_add_up(tmp_path):
 
         # A request held open is in flight for every scrape, whichever worker serves it.
         stream_body = {"model": MODEL, "prompt": "a long one", "max_tokens": 500, "stream": True}
-        with httpx.stream("POST", url + "/v1/completions", json=stream_body,
-                          timeout=30) as held:
+        with httpx.stream("POST", url + "/v1/completions", json=stream_body, timeout=30) as held:
             assert held.status_code == 200
             chunks = held.iter_raw()  # kept: a dropped iterator would close the response
             next(chunks)
@@ -84,7 +97,8 @@ def test_two_workers_add_up(tmp_path):
         text = wait_settled(stack.router, sent + 1)
         assert value(text, "di_router_client_disconnects_total") == 1
         assert by_label(text, "di_router_requests_total", "endpoint", "status") == {
-            ("completions", "200"): sent, ("completions", "499"): 1
+            ("completions", "200"): sent,
+            ("completions", "499"): 1,
         }
         assert value(text, "di_router_prefill_latency_seconds_count") == sent + 1
         assert value(text, "di_router_e2e_request_latency_seconds_bucket", le="+Inf") == sent + 1
@@ -94,7 +108,9 @@ def test_two_workers_add_up(tmp_path):
         # One series per backend (not one per worker), each up.
         up = [s for s in samples(text) if s.name == "di_router_backend_up"]
         assert sorted((s.labels["role"], s.labels["backend"], s.value) for s in up) == [
-            ("decode", stack.decode.url, 1.0), ("prefill", stack.prefill.url, 1.0)]
+            ("decode", stack.decode.url, 1.0),
+            ("prefill", stack.prefill.url, 1.0),
+        ]
         assert all("pid" not in s.labels for s in samples(text)), "per-worker series leaked"
         if promtool() is None:
             pytest.skip("promtool is not installed (apt-get install prometheus)")

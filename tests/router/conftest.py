@@ -25,8 +25,9 @@ def in_flight(router: Proc) -> float:
     return metric(router, "di_router_requests_in_flight")
 
 
-def wait_idle(router: Proc, *sims: Proc, pinned: dict[Proc, int] | None = None,
-              timeout: float = 10) -> dict[Proc, dict[str, Any]]:
+def wait_idle(
+    router: Proc, *sims: Proc, pinned: dict[Proc, int] | None = None, timeout: float = 10
+) -> dict[Proc, dict[str, Any]]:
     """No request left in flight: router gauge 0 and each sim's slots all free, except the
     `pinned` slots held by unpulled KV entries (then `kv.pending` must account for them)."""
     pinned = pinned or {}

@@ -15,8 +15,9 @@ def first_token_is_eos(text: str, chat: bool, sampling: dict[str, Any], p: float
     params = SamplingParams(
         max_tokens=1, temperature=sampling.get("temperature", 1.0), seed=sampling.get("seed")
     )
-    seq = SimSequence("probe", 0, 1, prompt_key(source), params, eos_probability=p,
-                      outputs=asyncio.Queue())
+    seq = SimSequence(
+        "probe", 0, 1, prompt_key(source), params, eos_probability=p, outputs=asyncio.Queue()
+    )
     return seq.sample() == EOS_TOKEN_ID
 
 

@@ -25,8 +25,13 @@ def completion(**extra: Any) -> dict[str, Any]:
 
 
 def chat(**extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
-            "temperature": 0, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        **extra,
+    }
 
 
 # -- 6. auth passthrough -----------------------------------------------------------------------
@@ -37,8 +42,12 @@ def auth():
     """Sims that require `secret`; router `plain` has no key, router `keyed` has OPENAI_API_KEY."""
     key = ["--api-key", "secret"]
     with di_stack(prefill_extra=key, decode_extra=key, env={"OPENAI_API_KEY": ""}) as s:
-        keyed = start_router(s.prefill, s.decode, extra=["--health-interval", "0.2"],
-                             env={"OPENAI_API_KEY": "secret"})
+        keyed = start_router(
+            s.prefill,
+            s.decode,
+            extra=["--health-interval", "0.2"],
+            env={"OPENAI_API_KEY": "secret"},
+        )
         with running(keyed):
             yield s, keyed
 
@@ -48,8 +57,12 @@ def auth():
 def test_client_bearer_is_forwarded_to_both_legs(auth, stream, endpoint):
     s, _ = auth
     body = (completion if endpoint == "completions" else chat)(stream=stream)
-    got = httpx.post(f"{s.router.url}/v1/{endpoint}", json=body,
-                     headers={"Authorization": "Bearer secret"}, timeout=10)
+    got = httpx.post(
+        f"{s.router.url}/v1/{endpoint}",
+        json=body,
+        headers={"Authorization": "Bearer secret"},
+        timeout=10,
+    )
     assert got.status_code == 200, got.text
     if stream:
         chunks = parse_sse(got.content)
@@ -65,14 +78,20 @@ def test_wrong_or_missing_key_is_401(auth, stream, authorization):
     s, _ = auth
     headers = {"Authorization": authorization} if authorization else {}
     before = sim_stats(s.prefill)["kv"]
-    got = httpx.post(s.router.url + "/v1/completions", json=completion(stream=stream),
-                     headers=headers, timeout=10)
+    got = httpx.post(
+        s.router.url + "/v1/completions",
+        json=completion(stream=stream),
+        headers=headers,
+        timeout=10,
+    )
     is_openai_error(got, 401)
     wait_idle(s.router, s.prefill, s.decode)
     assert sim_stats(s.prefill)["kv"] == before
     # A rejected request is the client's error, not a failing backend.
-    assert metric(s.router, "di_router_upstream_errors_total", role="prefill",
-                  error_type="http_401") == 0
+    assert (
+        metric(s.router, "di_router_upstream_errors_total", role="prefill", error_type="http_401")
+        == 0
+    )
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -82,8 +101,12 @@ def test_router_env_key_is_used_without_client_header(auth, stream):
     assert got.status_code == 200, got.text
     wait_idle(keyed, s.prefill, s.decode)
     # The client's own header still wins over the router's key.
-    got = httpx.post(keyed.url + "/v1/completions", json=completion(stream=stream),
-                     headers={"Authorization": "Bearer wrong"}, timeout=10)
+    got = httpx.post(
+        keyed.url + "/v1/completions",
+        json=completion(stream=stream),
+        headers={"Authorization": "Bearer wrong"},
+        timeout=10,
+    )
     is_openai_error(got, 401)
     wait_idle(keyed, s.prefill, s.decode)
 
@@ -147,8 +170,9 @@ def test_fields_di_cannot_honour_are_400_naming_the_field(plain, endpoint, field
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_unknown_and_neutral_fields_pass_through(plain, stream):
-    body = completion(stream=stream, top_k=50, x_custom=1, n=1, best_of=1, echo=False,
-                      use_beam_search=False)
+    body = completion(
+        stream=stream, top_k=50, x_custom=1, n=1, best_of=1, echo=False, use_beam_search=False
+    )
     got = httpx.post(plain.router.url + "/v1/completions", json=body, timeout=10)
     assert got.status_code == 200, got.text
     if stream:
@@ -174,8 +198,12 @@ BAD_BODIES = [
 @pytest.mark.parametrize("raw", BAD_BODIES)
 def test_malformed_bodies_are_400(plain, endpoint, raw):
     before = sims_snapshot(plain)
-    got = httpx.post(f"{plain.router.url}/v1/{endpoint}", content=raw,
-                     headers={"Content-Type": "application/json"}, timeout=10)
+    got = httpx.post(
+        f"{plain.router.url}/v1/{endpoint}",
+        content=raw,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     is_openai_error(got, 400)
     assert sims_snapshot(plain) == before
     assert in_flight(plain.router) == 0
@@ -190,8 +218,12 @@ def test_oversized_body_is_413(plain):
     before = sims_snapshot(plain)
     raw = _oversized_json()
     assert len(raw) > MAX_BODY
-    got = httpx.post(plain.router.url + "/v1/completions", content=raw,
-                     headers={"Content-Type": "application/json"}, timeout=10)
+    got = httpx.post(
+        plain.router.url + "/v1/completions",
+        content=raw,
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     err = is_openai_error(got, 413)
     assert str(MAX_BODY) in err["message"]
     assert sims_snapshot(plain) == before
@@ -209,8 +241,12 @@ def test_oversized_chunked_body_is_413(plain):
         for i in range(0, len(raw), 500):
             yield raw[i : i + 500]
 
-    got = httpx.post(plain.router.url + "/v1/chat/completions", content=chunks(),
-                     headers={"Content-Type": "application/json"}, timeout=10)
+    got = httpx.post(
+        plain.router.url + "/v1/chat/completions",
+        content=chunks(),
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
     is_openai_error(got, 413)
     assert in_flight(plain.router) == 0
 
@@ -284,10 +320,12 @@ def test_request_id_header_matches_response_ids(plain):
     chat_unary = httpx.post(url + "/v1/chat/completions", json=chat(), timeout=10)
     assert chat_unary.json()["id"] == "chat" + chat_unary.headers["X-Request-Id"]
     # Distinct requests get distinct ids, whatever id the client sends.
-    again = httpx.post(url + "/v1/completions", json=completion(),
-                       headers={"X-Request-Id": "client-1"}, timeout=10)
-    twice = httpx.post(url + "/v1/completions", json=completion(),
-                       headers={"X-Request-Id": "client-1"}, timeout=10)
+    again = httpx.post(
+        url + "/v1/completions", json=completion(), headers={"X-Request-Id": "client-1"}, timeout=10
+    )
+    twice = httpx.post(
+        url + "/v1/completions", json=completion(), headers={"X-Request-Id": "client-1"}, timeout=10
+    )
     assert again.status_code == twice.status_code == 200
     assert again.headers["X-Request-Id"] != twice.headers["X-Request-Id"]
     wait_idle(plain.router, plain.prefill, plain.decode)

@@ -26,8 +26,13 @@ def slow():
 
 
 def body(stream: bool, max_tokens: int = 200) -> dict[str, object]:
-    return {"model": MODEL, "prompt": "tell me a long story", "max_tokens": max_tokens,
-            "temperature": 0, "stream": stream}
+    return {
+        "model": MODEL,
+        "prompt": "tell me a long story",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
 
 
 def disconnects(stack) -> float:
@@ -36,8 +41,12 @@ def disconnects(stack) -> float:
 
 def counters(stack) -> dict[str, int]:
     p, d = sim_stats(stack.prefill), sim_stats(stack.decode)
-    return {"prefill_aborted": p["aborted"], "decode_aborted": d["aborted"],
-            "produced": p["kv"]["produced"], "pulled": p["kv"]["pulled"]}
+    return {
+        "prefill_aborted": p["aborted"],
+        "decode_aborted": d["aborted"],
+        "produced": p["kv"]["produced"],
+        "pulled": p["kv"]["pulled"],
+    }
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -50,8 +59,10 @@ def test_disconnect_during_prefill_aborts_both_legs(slow, stream):
     # Both servers see the disconnect. A prefill abort only counts while the prefill is still
     # running (a finished sequence cannot be aborted), so this proves it was closed in time.
     wait_until(
-        lambda: counters(slow)["decode_aborted"] == before["decode_aborted"] + 1
-        and counters(slow)["prefill_aborted"] == before["prefill_aborted"] + 1,
+        lambda: (
+            counters(slow)["decode_aborted"] == before["decode_aborted"] + 1
+            and counters(slow)["prefill_aborted"] == before["prefill_aborted"] + 1
+        ),
         3,
         "both legs aborted",
     )
@@ -68,8 +79,9 @@ def test_disconnect_during_prefill_aborts_both_legs(slow, stream):
 
 def test_disconnect_mid_stream_aborts_decode(slow):
     before, gone_before = counters(slow), disconnects(slow)
-    with httpx.stream("POST", slow.router.url + "/v1/completions", json=body(True),
-                      timeout=10) as response:
+    with httpx.stream(
+        "POST", slow.router.url + "/v1/completions", json=body(True), timeout=10
+    ) as response:
         assert response.status_code == 200
         raw = b""
         chunks = response.iter_raw()
@@ -110,8 +122,9 @@ def test_disconnect_while_waiting_for_unary_decode_aborts_decode(slow):
 
 
 def test_router_serves_normally_after_disconnects(slow):
-    got = httpx.post(slow.router.url + "/v1/completions", json=body(False, max_tokens=3),
-                     timeout=10)
+    got = httpx.post(
+        slow.router.url + "/v1/completions", json=body(False, max_tokens=3), timeout=10
+    )
     assert got.status_code == 200
     assert got.json()["usage"]["completion_tokens"] == 3
     wait_idle(slow.router, slow.prefill, slow.decode)

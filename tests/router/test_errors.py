@@ -279,8 +279,9 @@ def test_decode_dies_mid_stream_ends_stream_with_error_event(slow_decode):
     tokens = sum(len(p["choices"]) for p in payloads[:-1])
     assert 3 <= tokens < 200
     wait_until(
-        lambda: metric(router, "di_router_upstream_errors_total", role="decode")
-        == errors_before + 1,
+        lambda: (
+            metric(router, "di_router_upstream_errors_total", role="decode") == errors_before + 1
+        ),
         5,
         "decode upstream error counted",
     )

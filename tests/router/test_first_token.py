@@ -22,8 +22,14 @@ def slow_handoff():
     """Prefill takes 150 ms; the KV transfer to decode takes 2 s; decode has a single slot."""
     with di_stack(
         prefill_extra=["--sim-prefill-base-ms", str(PREFILL_S * 1000)],
-        decode_extra=["--sim-kv-setup-ms", str(KV_TRANSFER_S * 1000),
-                      "--sim-decode-base-ms", "10", "--max-num-seqs", "1"],
+        decode_extra=[
+            "--sim-kv-setup-ms",
+            str(KV_TRANSFER_S * 1000),
+            "--sim-decode-base-ms",
+            "10",
+            "--max-num-seqs",
+            "1",
+        ],
     ) as s:
         yield s
 
@@ -51,8 +57,13 @@ def _token_times(url: str, body: dict) -> tuple[float, list[float], list[dict]]:
     return start, times, chunks
 
 
-BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
-        "temperature": 0, "stream": True}
+BODY = {
+    "model": MODEL,
+    "messages": [{"role": "user", "content": "hello"}],
+    "max_tokens": 5,
+    "temperature": 0,
+    "stream": True,
+}
 
 
 def test_first_token_arrives_at_prefill_time_not_after_kv_transfer(slow_handoff):
@@ -76,12 +87,26 @@ def test_first_token_is_immediate_while_decode_batch_is_full(slow_handoff):
 
 
 def test_curl_streaming_as_in_the_tutorial(slow_handoff):
-    body = {"model": MODEL, "prompt": ["a tornado is a"], "max_tokens": 10, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": ["a tornado is a"],
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+    }
     result = subprocess.run(
-        ["curl", "-sN", f"{slow_handoff.router.url}/v1/completions",
-         "-H", "Content-Type: application/json", "-d", orjson.dumps(body).decode()],
-        capture_output=True, timeout=30, check=True,
+        [
+            "curl",
+            "-sN",
+            f"{slow_handoff.router.url}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            orjson.dumps(body).decode(),
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     chunks = parse_sse(result.stdout)
     check_chunks(chunks, chat=False)
@@ -92,9 +117,19 @@ def test_curl_streaming_as_in_the_tutorial(slow_handoff):
 def test_curl_non_streaming_as_in_the_tutorial(slow_handoff):
     body = {"model": MODEL, "prompt": ["a tornado is a"], "max_tokens": 10, "temperature": 0}
     result = subprocess.run(
-        ["curl", "-s", "-i", f"{slow_handoff.router.url}/v1/completions",
-         "-H", "Content-Type: application/json", "-d", orjson.dumps(body).decode()],
-        capture_output=True, timeout=30, check=True,
+        [
+            "curl",
+            "-s",
+            "-i",
+            f"{slow_handoff.router.url}/v1/completions",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            orjson.dumps(body).decode(),
+        ],
+        capture_output=True,
+        timeout=30,
+        check=True,
     )
     head, _, payload = result.stdout.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")

@@ -15,16 +15,61 @@ from tests.support import MODEL, di_stack, sim_stats
 
 CASES = 300
 ODD_VALUES: list[Any] = [
-    None, True, False, 0, -1, 1, 2, 3, 10**12, 1.5, -0.5, float("1e300"), "", "1", "x" * 300,
-    [], [1, 2], ["a", "b"], [[1, 2], [3]], [[]], {}, {"a": 1}, {"include_usage": True},
-    {"include_usage": "yes"}, [{"role": "user"}], [{"role": "user", "content": None}],
-    [{"role": 5, "content": ["x"]}], [{"content": [{"type": "text", "text": "hi"}]}],
+    None,
+    True,
+    False,
+    0,
+    -1,
+    1,
+    2,
+    3,
+    10**12,
+    1.5,
+    -0.5,
+    float("1e300"),
+    "",
+    "1",
+    "x" * 300,
+    [],
+    [1, 2],
+    ["a", "b"],
+    [[1, 2], [3]],
+    [[]],
+    {},
+    {"a": 1},
+    {"include_usage": True},
+    {"include_usage": "yes"},
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"role": 5, "content": ["x"]}],
+    [{"content": [{"type": "text", "text": "hi"}]}],
 ]
 FIELDS = [
-    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "min_tokens",
-    "temperature", "seed", "stream", "stream_options", "stop", "stop_token_ids", "n", "best_of",
-    "echo", "logprobs", "ignore_eos", "top_k", "top_p", "suffix", "use_beam_search",
-    "prompt_logprobs", "include_stop_str_in_output", "continuous_usage_stats", "user",
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "temperature",
+    "seed",
+    "stream",
+    "stream_options",
+    "stop",
+    "stop_token_ids",
+    "n",
+    "best_of",
+    "echo",
+    "logprobs",
+    "ignore_eos",
+    "top_k",
+    "top_p",
+    "suffix",
+    "use_beam_search",
+    "prompt_logprobs",
+    "include_stop_str_in_output",
+    "continuous_usage_stats",
+    "user",
 ]
 
 
@@ -33,8 +78,9 @@ def _mutated(rng: random.Random, chat: bool) -> dict[str, Any]:
         body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
     else:
         body = {"model": MODEL, "prompt": "hello there"}
-    body.update({"max_tokens": rng.choice([1, 2, 5]), "temperature": 0,
-                 "stream": rng.random() < 0.5})
+    body.update(
+        {"max_tokens": rng.choice([1, 2, 5]), "temperature": 0, "stream": rng.random() < 0.5}
+    )
     for _ in range(rng.randint(1, 3)):
         field = rng.choice(FIELDS)
         if rng.random() < 0.15:

@@ -44,12 +44,25 @@ def _cases() -> list[tuple[str, bool, str, str, bool, int, bool]]:
     return cases
 
 
-def _body(endpoint: str, stream: bool, kind: str, sampling: str, usage: bool, max_tokens: int,
-          eos: bool, **extra: Any) -> dict[str, Any]:
+def _body(
+    endpoint: str,
+    stream: bool,
+    kind: str,
+    sampling: str,
+    usage: bool,
+    max_tokens: int,
+    eos: bool,
+    **extra: Any,
+) -> dict[str, Any]:
     chat = endpoint == "chat"
     text = eos_first_prompt(chat, SAMPLINGS[sampling], EOS_P) if eos else "a tornado is a"
-    body: dict[str, Any] = {"model": MODEL, "max_tokens": max_tokens, "stream": stream,
-                            **SAMPLINGS[sampling], **extra}
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "max_tokens": max_tokens,
+        "stream": stream,
+        **SAMPLINGS[sampling],
+        **extra,
+    }
     if chat:
         body["messages"] = [{"role": "user", "content": text}]
     else:
@@ -84,11 +97,13 @@ def _compare(stack, client, body: dict[str, Any], chat: bool) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    ("endpoint", "stream", "kind", "sampling", "usage", "max_tokens", "eos"), _cases(),
+    ("endpoint", "stream", "kind", "sampling", "usage", "max_tokens", "eos"),
+    _cases(),
     ids=lambda v: str(v),
 )
-def test_router_equals_baseline(stack, client, endpoint, stream, kind, sampling, usage,
-                                max_tokens, eos):
+def test_router_equals_baseline(
+    stack, client, endpoint, stream, kind, sampling, usage, max_tokens, eos
+):
     chat = endpoint == "chat"
     body = _body(endpoint, stream, kind, sampling, usage, max_tokens, eos)
     got = _compare(stack, client, body, chat)
@@ -131,7 +146,10 @@ def test_stop_strings_and_continuous_usage(stack, client):
     first = client.post(stack.baseline.url + "/v1/completions", json={**probe, "stream": False})
     words = first.json()["choices"][0]["text"].split()
     assert len(words) >= 2, words
-    body = {**base, "stop": [words[len(words) // 2]],
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    body = {
+        **base,
+        "stop": [words[len(words) // 2]],
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
     got = _compare(stack, client, body, chat=False)
     assert got["finish"][0] == "stop"

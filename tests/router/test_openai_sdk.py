@@ -25,16 +25,26 @@ def _client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="mock_key", max_retries=0, timeout=30)
 
 
-def _run(client: openai.OpenAI, chat: bool, stream: bool, usage: bool, max_tokens: int,
-         text: str) -> dict[str, Any]:
+def _run(
+    client: openai.OpenAI, chat: bool, stream: bool, usage: bool, max_tokens: int, text: str
+) -> dict[str, Any]:
     extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if usage else {}
     if chat:
-        kwargs = {"model": MODEL, "messages": [{"role": "user", "content": text}],
-                  "max_tokens": max_tokens, **GREEDY, **extra}
+        kwargs = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            **GREEDY,
+            **extra,
+        }
         if not stream:
             r = client.chat.completions.create(**kwargs)
-            return {"text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
-                    "usage": r.usage.model_dump(exclude_none=True), "id": r.id[:9]}
+            return {
+                "text": r.choices[0].message.content,
+                "finish": r.choices[0].finish_reason,
+                "usage": r.usage.model_dump(exclude_none=True),
+                "id": r.id[:9],
+            }
         content, finish, usage_seen, ids = "", None, None, set()
         for chunk in client.chat.completions.create(stream=True, **kwargs):
             ids.add(chunk.id)
@@ -48,8 +58,12 @@ def _run(client: openai.OpenAI, chat: bool, stream: bool, usage: bool, max_token
     kwargs = {"model": MODEL, "prompt": text, "max_tokens": max_tokens, **GREEDY, **extra}
     if not stream:
         r = client.completions.create(**kwargs)
-        return {"text": r.choices[0].text, "finish": r.choices[0].finish_reason,
-                "usage": r.usage.model_dump(exclude_none=True), "id": r.id[:5]}
+        return {
+            "text": r.choices[0].text,
+            "finish": r.choices[0].finish_reason,
+            "usage": r.usage.model_dump(exclude_none=True),
+            "id": r.id[:5],
+        }
     content, finish, usage_seen, ids = "", None, None, set()
     for chunk in client.completions.create(stream=True, **kwargs):
         ids.add(chunk.id)
@@ -71,8 +85,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("chat", "stream", "usage", "max_tokens", "eos"), CASES,
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("chat", "stream", "usage", "max_tokens", "eos"), CASES, ids=lambda v: str(v)
+)
 def test_sdk_through_router_equals_direct(stack, chat, stream, usage, max_tokens, eos):
     text = eos_first_prompt(chat, GREEDY, EOS_P) if eos else "write a haiku about trains"
     direct = _run(_client(stack.baseline.url), chat, stream, usage, max_tokens, text)
@@ -84,8 +99,9 @@ def test_sdk_through_router_equals_direct(stack, chat, stream, usage, max_tokens
 
 def test_sdk_sees_upstream_error_as_exception(stack):
     with pytest.raises(openai.NotFoundError) as info:
-        _client(stack.router.url).completions.create(model="no-such-model", prompt="x",
-                                                     max_tokens=3)
+        _client(stack.router.url).completions.create(
+            model="no-such-model", prompt="x", max_tokens=3
+        )
     assert "no-such-model" in str(info.value)
 
 

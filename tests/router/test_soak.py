@@ -49,8 +49,12 @@ async def _one(client: httpx.AsyncClient, url: str, rng: random.Random) -> None:
     else:
         path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
         if kind == "chat":
-            body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                    "max_tokens": 8, "temperature": 0}
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": 8,
+                "temperature": 0,
+            }
         async with client.stream("POST", url + path, json={**body, "stream": True}) as response:
             assert response.status_code == 200
             async for chunk in response.aiter_raw():
