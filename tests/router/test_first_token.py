@@ -86,6 +86,13 @@ def test_first_token_is_immediate_while_decode_batch_is_full(slow_handoff):
     assert b_times[1] >= a_times[-1] + KV_TRANSFER_S - 0.1, (a_times, b_times)
 
 
+def _curl(url: str, body: dict, *flags: str) -> subprocess.CompletedProcess[bytes]:
+    """curl as the tutorial's examples run it."""
+    argv = ["curl", *flags, url, "-H", "Content-Type: application/json"]
+    argv += ["-d", orjson.dumps(body).decode()]
+    return subprocess.run(argv, capture_output=True, timeout=30, check=True)
+
+
 def test_curl_streaming_as_in_the_tutorial(slow_handoff):
     body = {
         "model": MODEL,
@@ -94,20 +101,7 @@ def test_curl_streaming_as_in_the_tutorial(slow_handoff):
         "temperature": 0,
         "stream": True,
     }
-    result = subprocess.run(
-        [
-            "curl",
-            "-sN",
-            f"{slow_handoff.router.url}/v1/completions",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            orjson.dumps(body).decode(),
-        ],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
+    result = _curl(f"{slow_handoff.router.url}/v1/completions", body, "-sN")
     chunks = parse_sse(result.stdout)
     check_chunks(chunks, chat=False)
     got = assemble(chunks, chat=False)
@@ -116,21 +110,7 @@ def test_curl_streaming_as_in_the_tutorial(slow_handoff):
 
 def test_curl_non_streaming_as_in_the_tutorial(slow_handoff):
     body = {"model": MODEL, "prompt": ["a tornado is a"], "max_tokens": 10, "temperature": 0}
-    result = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-i",
-            f"{slow_handoff.router.url}/v1/completions",
-            "-H",
-            "Content-Type: application/json",
-            "-d",
-            orjson.dumps(body).decode(),
-        ],
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
+    result = _curl(f"{slow_handoff.router.url}/v1/completions", body, "-s", "-i")
     head, _, payload = result.stdout.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert b"content-type: application/json" in head.lower()
