@@ -189,7 +189,7 @@ class Proxy:
                     "prefill", 502, "stream_cut", "prefill server ended its stream without a token"
                 ) from None
             first_event = _merged(merger.prefill, "prefill", first)
-            await decode.response()
+        await decode.response()  # bounded by the decode leg's own read timeout
         body = self._relay(exchange, merger, first_event, prefill_events, decode)
         response = Response(body, content_type=SSE_CONTENT_TYPE)
         response.timeout = None  # Quart's default would silently cut streams after 60 s
