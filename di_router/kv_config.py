@@ -83,6 +83,19 @@ class KVTransferConfig(BaseModel):
             )
         return None
 
+    def send_ip_warning(self, send_ip: str | None) -> str | None:
+        """Why `NEURON_SEND_IP` disagrees with a consumer's `kv_ip`, or None when it agrees.
+
+        A decode server asks `kv_ip` for KV and receives it over EFA from `NEURON_SEND_IP`: both
+        name the prefill host, and a mismatch hangs or misroutes every transfer.
+        """
+        if not self.is_kv_consumer or send_ip is None or send_ip == self.kv_ip:
+            return None
+        return (
+            f"kv_ip={self.kv_ip} but NEURON_SEND_IP={send_ip}; both must be the prefill "
+            "server's IP (kv_ip for the KV lookup, NEURON_SEND_IP for the EFA transfer)"
+        )
+
 
 def parse_kv_transfer_config(text: str) -> KVTransferConfig:
     """Validate a `--kv-transfer-config` JSON string; ValueError names the failing field."""

@@ -111,9 +111,11 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
     kv: KVTransferConfig | None = None
     if args.kv_transfer_config:
         kv = parse_kv_transfer_config(args.kv_transfer_config)
-        note = kv.core_offset_warning(visible_cores_from_env())
-        if note:
-            warnings.append(note)
+        notes = (
+            kv.core_offset_warning(visible_cores_from_env()),
+            kv.send_ip_warning(os.environ.get("NEURON_SEND_IP")),
+        )
+        warnings += [note for note in notes if note]
         if kv.kv_role and not kv.kv_connector:
             warnings.append(f"kv_role={kv.kv_role} without kv_connector: running as baseline")
     for flag in ("max_num_seqs", "max_model_len", "port"):

@@ -269,3 +269,15 @@ def test_di_router_sim_wrapper_runs_a_working_pair():
         assert sim_stats(prefill)["role"] == "prefill" and sim_stats(decode)["role"] == "decode"
         p, d = paired(prefill, decode, COMPLETIONS, completion_body("wrapped", 4), "wrapped-1")
         assert p.status_code == 200 and len(texts(d)[0].split()) == 4
+
+
+def test_consumer_warns_when_neuron_send_ip_is_not_its_kv_ip(monkeypatch):
+    monkeypatch.delenv("NEURON_RT_VISIBLE_CORES", raising=False)
+    monkeypatch.setenv("NEURON_SEND_IP", "10.0.0.9")
+    consumer = ["--kv-transfer-config", _neuron(kv_role="kv_consumer", kv_ip="10.0.0.1")]
+    [warning] = parse_settings(consumer)[1]
+    assert "kv_ip=10.0.0.1 but NEURON_SEND_IP=10.0.0.9" in warning
+    producer = ["--kv-transfer-config", _neuron(kv_role="kv_producer", kv_ip="10.0.0.1")]
+    assert parse_settings(producer)[1] == []
+    monkeypatch.setenv("NEURON_SEND_IP", "10.0.0.1")
+    assert parse_settings(consumer)[1] == []
