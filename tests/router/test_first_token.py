@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL, di_stack
+from tests.support import MODEL, di_stack, sim_stats, wait_until
 
 PREFILL_S = 0.15
 KV_TRANSFER_S = 2.0
@@ -78,7 +78,8 @@ def test_first_token_is_immediate_while_decode_batch_is_full(slow_handoff):
     """Request B's decode slot is taken by A, yet B's first token comes at prefill time."""
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         a = pool.submit(_token_times, slow_handoff.router.url, BODY)
-        time.sleep(0.05)  # only orders A before B; B's assertions do not depend on it
+        # B goes out once A holds the decode server's only slot.
+        wait_until(lambda: sim_stats(slow_handoff.decode)["slots_in_use"] == 1, 10, "A's slot")
         b_start, b_times, _ = pool.submit(_token_times, slow_handoff.router.url, BODY).result()
         _, a_times, _ = a.result()
     assert b_times[0] - b_start < PREFILL_S * 2 + 0.6, b_times
