@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from di_router.bench.stack import MODEL, free_port, router_argv, sim_argv
 from di_router.bench.stack import Server as Proc
@@ -26,6 +28,7 @@ __all__ = [
     "di_stack",
     "free_port",
     "kv_config",
+    "needs_curl",
     "running",
     "sim_stats",
     "start_router",
@@ -34,6 +37,9 @@ __all__ = [
 ]
 
 ROUTER_TEST_FLAGS = ("--health-interval", "0.2")
+needs_curl = pytest.mark.skipif(
+    shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"
+)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):

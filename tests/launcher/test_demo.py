@@ -8,6 +8,7 @@ import subprocess
 from tests.launcher.launcher_helpers import alive, free_port
 from tests.launcher.test_up import Up
 from tests.sse_strict import assemble, check_chunks, parse_sse
+from tests.support import needs_curl
 
 
 class Demo(Up):
@@ -20,6 +21,7 @@ class Demo(Up):
         )  # fmt: skip
 
 
+@needs_curl
 def test_demo_prints_a_working_curl_example_and_stops_on_ctrl_c() -> None:
     demo = Demo()
     try:

@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL, di_stack, sim_stats, wait_until
+from tests.support import MODEL, di_stack, needs_curl, sim_stats, wait_until
 
 PREFILL_S = 0.15
 KV_TRANSFER_S = 2.0
@@ -94,6 +94,7 @@ def _curl(url: str, body: dict, *flags: str) -> subprocess.CompletedProcess[byte
     return subprocess.run(argv, capture_output=True, timeout=30, check=True)
 
 
+@needs_curl
 def test_curl_streaming_as_in_the_tutorial(slow_handoff):
     body = {
         "model": MODEL,
@@ -109,6 +110,7 @@ def test_curl_streaming_as_in_the_tutorial(slow_handoff):
     assert len(got["text"][0].split()) == 10 and got["finish"] == {0: "length"}
 
 
+@needs_curl
 def test_curl_non_streaming_as_in_the_tutorial(slow_handoff):
     body = {"model": MODEL, "prompt": ["a tornado is a"], "max_tokens": 10, "temperature": 0}
     result = _curl(f"{slow_handoff.router.url}/v1/completions", body, "-s", "-i")
