@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from di_router.bench.stack import MODEL, free_port, router_argv, sim_argv
 from di_router.bench.stack import Server as Proc
@@ -30,9 +32,12 @@ __all__ = [
     "kv_config",
     "needs_curl",
     "running",
+    "samples",
+    "scrape",
     "sim_stats",
     "start_router",
     "start_sim",
+    "value",
     "wait_until",
 ]
 
@@ -168,6 +173,26 @@ def running(*procs: Proc) -> Iterator[tuple[Proc, ...]]:
     finally:
         for proc in reversed(procs):
             proc.stop()
+
+
+def scrape(url: str) -> str:
+    """One /metrics scrape on a new connection (with several workers, any worker may answer)."""
+    response = httpx.get(url + "/metrics", timeout=5, headers={"Connection": "close"})
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples called exactly `name` whose labels include `labels`."""
+    return sum(
+        s.value
+        for s in samples(text)
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def sim_stats(proc: Proc) -> dict[str, Any]:

@@ -75,7 +75,6 @@ class RequestResult:
     """When the stream was fully consumed (after `[DONE]` or close)."""
     usage_tokens: int | None = None
     prompt_tokens: int | None = None
-    expected_tokens: int | None = None
     error: str | None = None
 
     @property
@@ -268,7 +267,6 @@ async def send_request(
     body = orjson.dumps(request_body(config, spec))
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.api_key}"}
     result = RequestResult(index=index, send_time=time.perf_counter())
-    result.expected_tokens = spec.max_tokens if config.ignore_eos else None
     try:
         async with client.stream(
             "POST", config.base_url + PATHS[config.endpoint], content=body, headers=headers

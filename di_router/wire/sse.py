@@ -37,8 +37,3 @@ class SSEDecoder:
             ]
             if data:
                 yield b"\n".join(data)
-
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an unfinished event, for reporting a stream cut mid-event."""
-        return self._buffer

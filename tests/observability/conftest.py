@@ -9,11 +9,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
-from tests.support import Proc, wait_until
+from tests.support import Proc, samples, scrape, value, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS_YML = REPO / "deploy" / "prometheus.yml"
@@ -33,26 +31,6 @@ ALLOWED_LABELS = {
 
 
 # -- metrics ---------------------------------------------------------------------------------
-
-
-def scrape(url: str) -> str:
-    """One scrape on a new connection (with several workers, any worker may answer)."""
-    response = httpx.get(url + "/metrics", timeout=5, headers={"Connection": "close"})
-    assert response.status_code == 200, response.text
-    return response.text
-
-
-def samples(text: str) -> list[Sample]:
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples called exactly `name` whose labels include `labels`."""
-    return sum(
-        s.value
-        for s in samples(text)
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def by_label(text: str, name: str, *keys: str) -> dict[tuple[str, ...], float]:

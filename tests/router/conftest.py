@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Proc, sim_stats, wait_until
+from tests.support import Proc, scrape, sim_stats, value, wait_until
 
 
 def metric(router: Proc, name: str, **labels: str) -> float:
     """Sum of the samples of `name` (exact sample name) whose labels include `labels`."""
-    text = httpx.get(router.url + "/metrics", timeout=5).text
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
+    return value(scrape(router.url), name, **labels)
 
 
 def in_flight(router: Proc) -> float:

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.router.eos_prompts import eos_first_prompt
+from tests.eos_prompts import eos_first_prompt
 from tests.sse_strict import assemble, check_chunks, parse_sse
 from tests.support import MODEL, di_stack
 

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.router.eos_prompts import eos_first_prompt
+from tests.eos_prompts import eos_first_prompt
 from tests.support import MODEL, di_stack
 
 EOS_P = 0.03

@@ -28,13 +28,14 @@ def _fds(pid: int) -> tuple[int, int]:
 
 
 def _client_sockets(port: int) -> int:
-    """TCP sockets on the router's port other than the listener (any state, CLOSE-WAIT too)."""
+    """Connections the router still holds on its port (CLOSE-WAIT included)."""
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(FileNotFoundError), open(table) as lines:
             for line in list(lines)[1:]:
                 local, state = line.split()[1], line.split()[3]
-                if int(local.rsplit(":", 1)[1], 16) == port and state != "0A":
+                # Not the listener (0A), nor TIME_WAIT (06): the kernel's, no descriptor left.
+                if int(local.rsplit(":", 1)[1], 16) == port and state not in ("0A", "06"):
                     count += 1
     return count
 

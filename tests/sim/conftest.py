@@ -10,10 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.sse_strict import assemble, check_chunks, parse_sse
-from tests.support import MODEL, Proc, free_port, kv_config, running, start_sim
+from tests.support import MODEL, Proc, free_port, kv_config, running, samples, scrape, start_sim
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -133,35 +132,7 @@ def timed_events(
 # -- observation ---------------------------------------------------------------------------------
 def metrics(proc: Proc) -> dict[str, float]:
     """Every sample of /metrics by name (labels dropped: one model per server)."""
-    text = httpx.get(proc.url + "/metrics", timeout=5).text
-    return {
-        sample.name: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if "le" not in sample.labels
-    }
-
-
-def first_eos_prompt(eos_probability: float, chat: bool = False) -> str:
-    """The first prompt (or chat message) scanned deterministically whose greedy token is EOS."""
-    from di_router.sim.sequence import SamplingParams
-    from di_router.sim.sequence import Sequence as SimSequence
-    from di_router.sim.tokenizer import EOS_TOKEN_ID, prompt_key, render_chat
-
-    for i in range(1000):
-        prompt = f"eos probe {i}"
-        rendered = render_chat([{"role": "user", "content": prompt}], True) if chat else prompt
-        seq = SimSequence(
-            engine_id="probe",
-            index=0,
-            prompt_tokens=1,
-            prompt_key=prompt_key(rendered),
-            params=SamplingParams(max_tokens=8, temperature=0),
-            eos_probability=eos_probability,
-        )
-        if seq.sample() == EOS_TOKEN_ID:
-            return prompt
-    raise AssertionError("no prompt with EOS as its first token")
+    return {s.name: s.value for s in samples(scrape(proc.url)) if "le" not in s.labels}
 
 
 __all__ = [
@@ -170,7 +141,6 @@ __all__ = [
     "MODEL",
     "chat_body",
     "completion_body",
-    "first_eos_prompt",
     "kv_config",
     "metrics",
     "paired",

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from di_router.sim.tokenizer import VOCAB
+from tests.eos_prompts import eos_first_prompt
 from tests.sim.conftest import (
     CHAT,
     COMPLETIONS,
     chat_body,
     completion_body,
-    first_eos_prompt,
     post,
     sim_proc,
     stream,
@@ -18,6 +18,7 @@ from tests.sim.conftest import (
 )
 from tests.support import running
 
+GREEDY = {"temperature": 0}
 EOS_P = 0.5
 
 
@@ -120,7 +121,7 @@ def eos_server():
 
 
 def test_eos_as_the_very_first_token(eos_server):
-    prompt = first_eos_prompt(EOS_P)
+    prompt = eos_first_prompt(False, GREEDY, EOS_P)
     resp = post(eos_server, COMPLETIONS, completion_body(prompt, 8)).json()
     choice = resp["choices"][0]
     assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == ("", "stop", None)
@@ -130,7 +131,7 @@ def test_eos_as_the_very_first_token(eos_server):
 
 
 def test_eos_first_chat_stream_still_sends_role_chunk(eos_server):
-    content = first_eos_prompt(EOS_P, chat=True)
+    content = eos_first_prompt(True, GREEDY, EOS_P)
     chunks, result = stream(eos_server, CHAT, chat_body(content, 8))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert chunks[1]["choices"][0]["delta"] == {"content": ""}
@@ -149,7 +150,7 @@ def test_eos_ends_requests_early(eos_server):
 
 
 def test_min_tokens_and_ignore_eos_override_eos(eos_server):
-    prompt = first_eos_prompt(EOS_P)
+    prompt = eos_first_prompt(False, GREEDY, EOS_P)
     body = completion_body(prompt, 8, min_tokens=3)
     resp = post(eos_server, COMPLETIONS, body).json()
     assert resp["usage"]["completion_tokens"] >= 4  # no EOS among the first 3; the 4th may be
