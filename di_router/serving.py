@@ -6,10 +6,10 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from quart import Quart
 
 try:  # uvloop is a hard dependency on Linux/macOS; fall back quietly elsewhere.
     import uvloop
@@ -33,14 +33,29 @@ def hypercorn_config(host: str, port: int, **overrides: object) -> Config:
     return config
 
 
-def run(app: Quart, config: Config, on_bound: Callable[[], None] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (lifespan shutdown runs)."""
+def run(
+    app: Any,
+    config: Config,
+    on_bound: Callable[[], None] | None = None,
+    on_signal: Callable[[], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (lifespan shutdown runs).
+
+    On the signal the listener closes at once and `on_signal` runs (the router starts draining);
+    connections still open get `config.graceful_timeout` to finish.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def stopping() -> None:
+            if on_signal is not None:
+                on_signal()
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         if on_bound is not None:
             _call_when_bound(on_bound)
         await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]

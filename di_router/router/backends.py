@@ -8,13 +8,20 @@ from dataclasses import dataclass, field
 import httpx
 
 from di_router.router.config import RouterConfig
+from di_router.router.transport import AiohttpTransport
+
+_HEALTH_CONNECTIONS = 2
 
 
 @dataclass(eq=False)
 class Backend:
     role: str
     url: str
-    client: httpx.AsyncClient
+    transport: httpx.AsyncBaseTransport
+    """Traffic only, used directly (no client layer on the hot path); its pool fits the load."""
+    probe: httpx.AsyncClient
+    """Health checks and model lists, on a pool of their own: a busy backend is not a dead one."""
+    connect_timeout: float = 5.0
     healthy: bool = False
     model_names: tuple[str, ...] = field(default_factory=tuple)
     _urls: dict[str, httpx.URL] = field(default_factory=dict, repr=False)
@@ -24,6 +31,10 @@ class Backend:
         if url is None:
             url = self._urls[path] = httpx.URL(self.url + path)
         return url
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+        await self.probe.aclose()
 
 
 class BackendPool:
@@ -44,27 +55,24 @@ class BackendPool:
 
     async def aclose(self) -> None:
         for backend in self.backends:
-            await backend.client.aclose()
+            await backend.aclose()
 
 
 def make_pool(role: str, urls: list[str], config: RouterConfig) -> BackendPool:
-    """One long-lived pooled client per backend, with explicit limits and timeouts."""
-    backends = []
-    for url in urls:
-        client = httpx.AsyncClient(
-            base_url=url,
-            limits=httpx.Limits(
-                max_connections=config.max_connections,
-                max_keepalive_connections=config.max_connections,
-                keepalive_expiry=config.keepalive_expiry_s,
+    keepalive = config.keepalive_expiry_s
+    backends = [
+        Backend(
+            role,
+            url.rstrip("/"),
+            transport=AiohttpTransport(config.max_connections, keepalive, None),
+            probe=httpx.AsyncClient(
+                base_url=url,
+                transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, None),
+                timeout=config.health_timeout_s,
+                trust_env=False,
             ),
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.decode_timeout_s,
-                write=config.connect_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
-            trust_env=False,
+            connect_timeout=config.connect_timeout_s,
         )
-        backends.append(Backend(role, url.rstrip("/"), client))
+        for url in urls
+    ]
     return BackendPool(role, backends)

@@ -7,8 +7,10 @@ Every flag can also be set as an environment variable `DI_ROUTER_<FLAG>` (e.g.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -66,14 +68,84 @@ def build_parser() -> argparse.ArgumentParser:
         float,
         "longest silence on the decode leg (the whole wait when not streaming)",
     )
+    add(
+        "--body-timeout",
+        _DEFAULTS.body_timeout_s,
+        float,
+        "seconds a client may take to send its request body (408 after)",
+    )
+    add(
+        "--drain-timeout",
+        _DEFAULTS.drain_timeout_s,
+        float,
+        "on SIGTERM/SIGINT, seconds in-flight requests may finish before they are ended",
+    )
+    add(
+        "--settle-timeout",
+        _DEFAULTS.settle_timeout_s,
+        float,
+        "seconds the router keeps freeing the slots of a request that ended badly",
+    )
     add("--max-connections", _DEFAULTS.max_connections, int, "connection pool size per backend")
     add("--max-body-bytes", _DEFAULTS.max_body_bytes, int, "largest request body accepted (413)")
+    add("--max-event-bytes", _DEFAULTS.max_event_bytes, int, "largest SSE event from a backend")
+    add(
+        "--max-response-bytes",
+        _DEFAULTS.max_response_bytes,
+        int,
+        "largest non-streamed answer from a backend",
+    )
+    add(
+        "--max-concurrent-requests",
+        _DEFAULTS.max_concurrent_requests,
+        int,
+        "completions served at once (0: no limit); more wait in a queue",
+    )
+    add(
+        "--max-queued-requests",
+        _DEFAULTS.max_queued_requests,
+        int,
+        "requests that may wait for a place; beyond it the answer is 429",
+    )
+    add(
+        "--queue-timeout",
+        _DEFAULTS.queue_timeout_s,
+        float,
+        "seconds a queued request waits for a place before its 429",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="key clients must send as 'Authorization: Bearer KEY' on /v1 routes; repeat for "
+        "several (env DI_ROUTER_API_KEY, comma-separated)",
+    )
+    add(
+        "--backend-api-key",
+        os.environ.get("OPENAI_API_KEY"),
+        str,
+        "key sent to the backends for clients the router authenticated (default: "
+        "OPENAI_API_KEY); never sent for unauthenticated clients",
+    )
+    p.add_argument(
+        "--protect-metrics",
+        action="store_true",
+        default=_env("protect_metrics", "") in ("1", "true", "yes"),
+        help="require a client key on /metrics too",
+    )
+    p.add_argument(
+        "--verbose-errors",
+        action="store_true",
+        default=_env("verbose_errors", "") in ("1", "true", "yes"),
+        help="put backend URLs and exception details in client errors (development only)",
+    )
     add(
         "--health-interval",
         _DEFAULTS.health_interval_s,
         float,
         "seconds between backend /health polls",
     )
+    add("--health-timeout", _DEFAULTS.health_timeout_s, float, "seconds a health check may take")
     add(
         "--log-level",
         _DEFAULTS.log_level,
@@ -106,12 +178,41 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         connect_timeout_s=args.connect_timeout,
         prefill_timeout_s=args.prefill_timeout,
         decode_timeout_s=args.decode_timeout,
+        body_timeout_s=args.body_timeout,
+        drain_timeout_s=args.drain_timeout,
+        settle_timeout_s=args.settle_timeout,
         max_connections=args.max_connections,
         max_body_bytes=args.max_body_bytes,
+        max_event_bytes=args.max_event_bytes,
+        max_response_bytes=args.max_response_bytes,
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
+        queue_timeout_s=args.queue_timeout,
+        api_keys=_api_keys(args.api_key),
+        backend_api_key=args.backend_api_key or None,
+        protect_metrics=args.protect_metrics,
+        verbose_errors=args.verbose_errors,
         health_interval_s=args.health_interval,
+        health_timeout_s=args.health_timeout,
         log_level=args.log_level,
         log_format=args.log_format,
     )
+
+
+def _api_keys(flags: list[str] | None) -> list[str]:
+    if flags:
+        return flags
+    return [key.strip() for key in _env("api_key", "").split(",") if key.strip()]
+
+
+def raise_descriptor_limit() -> int:
+    """Soft descriptor limit up to the hard one, as vLLM does: each stream holds three."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft
 
 
 def ready_line(config: RouterConfig) -> str:
@@ -122,13 +223,20 @@ def ready_line(config: RouterConfig) -> str:
 
 
 def serve(config: RouterConfig) -> int:
-    bind_config = serving.hypercorn_config(config.host, config.port)
+    limit = raise_descriptor_limit()
+    log.debug("file descriptor limit: %d", limit)
+    # Hypercorn's own grace outlasts the drain, which ends what is left itself.
+    bind_config = serving.hypercorn_config(
+        config.host, config.port, graceful_timeout=config.drain_timeout_s + 5
+    )
     # The ready line goes to stderr with the logs: stdout carries only JSON access lines.
     if config.workers == 1:
+        app = create_app(config)
         serving.run(
-            create_app(config),
+            app,
             bind_config,
             on_bound=lambda: print(ready_line(config), file=sys.stderr, flush=True),
+            on_signal=app.begin_drain,
         )
         return 0
     from hypercorn.run import run as run_workers

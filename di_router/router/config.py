@@ -19,12 +19,38 @@ class RouterConfig(BaseModel):
     prefill_timeout_s: float = Field(default=300.0, gt=0)
     """Bound on the prefill leg, from dispatch to its first token."""
     decode_timeout_s: float = Field(default=600.0, gt=0)
-    """Longest silence allowed on the decode leg (whole response when not streaming)."""
+    """Longest silence on a decode stream; the whole wait for a non-streamed answer."""
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    """Bound on reading a client's request body (a slow client holds a descriptor)."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM/SIGINT, how long in-flight requests may finish before they are ended."""
+    settle_timeout_s: float = Field(default=600.0, gt=0)
+    """Bound on the background work that frees the slots of a request that ended badly
+    (re-sending its prefill, pulling a stranded KV entry, waiting for an unabortable decode)."""
+
     max_connections: int = Field(default=4096, ge=1)
-    """Per backend; size it above the highest in-flight count you expect."""
+    """Upstream connections per backend; size it above the highest in-flight count you expect."""
     keepalive_expiry_s: float = Field(default=4.0, ge=0)
     """Below uvicorn's 5 s idle timeout, so pooled sockets are never stale."""
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_event_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    """Largest single SSE event accepted from a backend (an echoed prompt can be large)."""
+    max_response_bytes: int = Field(default=128 * 1024 * 1024, ge=1024)
+    """Largest non-streamed answer accepted from a backend."""
+    max_concurrent_requests: int = Field(default=0, ge=0)
+    """Completions served at once (0: no limit); beyond it requests queue."""
+    max_queued_requests: int = Field(default=1024, ge=0)
+    """Requests waiting for a place; beyond it the answer is an immediate 429."""
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+
+    api_keys: list[str] = Field(default_factory=list)
+    """Keys clients must present as `Authorization: Bearer <key>` on /v1 routes (none: open)."""
+    backend_api_key: str | None = None
+    """Key the router sends to the backends for clients it authenticated itself."""
+    protect_metrics: bool = False
+    """Require a client key on /metrics too (health and readiness stay open)."""
+    verbose_errors: bool = False
+    """Put backend URLs and exception details in client-facing messages (development only)."""
 
     health_interval_s: float = Field(default=5.0, gt=0)
     health_timeout_s: float = Field(default=2.0, gt=0)

@@ -1,4 +1,8 @@
-"""Background health polling: readiness and `di_router_backend_up`, never on the request path."""
+"""Background health polling: readiness and `di_router_backend_up`, never on the request path.
+
+Checks go through each backend's own probe pool, so they never queue behind traffic: a busy
+backend is not a dead one.
+"""
 
 from __future__ import annotations
 
@@ -20,13 +24,11 @@ class HealthMonitor:
         pools: list[BackendPool],
         metrics: RouterMetrics,
         interval: float,
-        timeout: float,
         authorization: str | None = None,
     ) -> None:
         self._pools = pools
         self._metrics = metrics
         self._interval = interval
-        self._timeout = timeout
         self._task: asyncio.Task[None] | None = None
         # The model list is under /v1, which vLLM protects with its API key (if it has one).
         self._auth_headers = {"Authorization": authorization} if authorization else {}
@@ -51,12 +53,10 @@ class HealthMonitor:
 
     async def _check(self, backend: Backend) -> None:
         try:
-            response = await backend.client.get("/health", timeout=self._timeout)
+            response = await backend.probe.get("/health")
             healthy = response.status_code == 200
             if healthy and backend.role == "decode" and not backend.model_names:
-                models = await backend.client.get(
-                    "/v1/models", headers=self._auth_headers, timeout=self._timeout
-                )
+                models = await backend.probe.get("/v1/models", headers=self._auth_headers)
                 if models.status_code == 200:
                     backend.model_names = tuple(m["id"] for m in models.json().get("data", []))
         except (httpx.HTTPError, ValueError, KeyError, TypeError):

@@ -3,8 +3,12 @@
 Decode repeats prefill's token as its own first output, so per choice index exactly that chunk
 is dropped (keeping a `finish_reason` it carries), decode's chat role chunk is dropped (prefill
 already sent it with the first token), prefill's `finish_reason` is cleared (its "length" is an
-artefact of max_tokens=1) and its usage chunk is kept from the client. Every chunk gets the
-router's id and `created`.
+artefact of max_tokens=1) and its usage chunk is kept from the client.
+
+Every event is parsed (a malformed one must end the stream with an error, not reach the
+client), but decode's events are re-serialised only when something in them changes: the
+upstream `X-Request-Id` is the router's own hex id, so vLLM's `cmpl-<id>` already is the
+client's id, and `created` differs only across a second boundary.
 """
 
 from __future__ import annotations
@@ -21,71 +25,79 @@ from di_router.wire.sse import encode_event
 
 
 def parse_chunk(role: str, data: bytes) -> dict[str, Any]:
-    """A stream chunk, or UpstreamError for an in-stream error event or malformed JSON."""
+    """A stream chunk, or UpstreamError for an in-stream error event or a malformed chunk."""
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise UpstreamError.make(
-            role, 502, "bad_response", f"{role} sent a non-JSON event"
+            role, 502, "bad_response", f"{role} server sent an event that is not JSON"
         ) from None
-    if not isinstance(chunk, dict) or not isinstance(chunk.get("choices", []), list):
-        raise UpstreamError.make(role, 502, "bad_response", f"{role} sent a malformed event")
+    if not isinstance(chunk, dict):
+        raise UpstreamError.make(role, 502, "bad_response", f"{role} server sent a malformed event")
     if "error" in chunk:
         error = chunk["error"]
         code = error.get("code") if isinstance(error, dict) else None
         status = code if isinstance(code, int) and 400 <= code <= 599 else 502
         body = error if isinstance(error, dict) else error_body(status, str(error))
         raise UpstreamError(role, status, "stream_error", body)
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise UpstreamError.make(role, 502, "bad_response", f"{role} server sent a malformed event")
     return chunk
 
 
 class StreamMerger:
     """Turns upstream chunks into client SSE events; holds the per-index dedup state."""
 
-    def __init__(self, trace: RequestTrace, client_id: str, created: int, chat: bool) -> None:
-        self._trace = trace
+    def __init__(
+        self, trace: RequestTrace, client_id: str, created: int, chat: bool, choices: int
+    ) -> None:
+        self.trace = trace
+        self._choices = choices
+        self._first_tokens: set[int] = set()
+        """Choice indices whose first token (from prefill) was merged."""
         self._id = client_id
         self._created = created
         self._chat = chat
         self._repeated: set[int] = set()
+        self._verbatim: bool | None = None
+        """Whether decode's chunks already carry the client's id and `created`."""
 
-    def _event(self, chunk: dict[str, Any], tokens: int) -> bytes:
-        chunk["id"] = self._id
-        chunk["created"] = self._created
-        if tokens:
-            self._trace.completion_tokens += tokens
-            self._trace.token_sent(time.perf_counter())
-        return encode_event(orjson.dumps(chunk))
-
-    def _is_role_chunk(self, choice: dict[str, Any]) -> bool:
-        return self._chat and "role" in (choice.get("delta") or {})
-
-    def _note_usage(self, chunk: dict[str, Any]) -> None:
-        usage = chunk.get("usage")
-        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
-            self._trace.prompt_tokens = usage["prompt_tokens"]
-
-    def prefill(self, chunk: dict[str, Any]) -> bytes | None:
+    def prefill(self, data: bytes) -> bytes:
+        chunk = parse_chunk("prefill", data)
         choices = chunk["choices"]
         if not choices:
             self._note_usage(chunk)
-            return None
-        if self._trace.prefill_done is None:
-            self._trace.prefill_done = time.perf_counter()
+            return b""
+        if self.trace.prefill_done is None:
+            self.trace.prefill_done = time.perf_counter()
         for choice in choices:
+            if not self._is_role_chunk(choice):
+                self._first_tokens.add(choice.get("index", 0))
             choice["finish_reason"] = None
             if self._chat:
                 choice.pop("stop_reason", None)  # vLLM puts it on a chat stream's last chunk only
             elif "stop_reason" in choice:
                 choice["stop_reason"] = None
-        tokens = sum(not self._is_role_chunk(c) for c in choices)
-        return self._event(chunk, tokens)
+        return self._rewritten(chunk, sum(not self._is_role_chunk(c) for c in choices))
 
-    def decode(self, chunk: dict[str, Any]) -> bytes | None:
+    @property
+    def has_first_tokens(self) -> bool:
+        """Prefill's token of every choice (one per prompt) is in."""
+        return len(self._first_tokens) >= self._choices
+
+    def decode(self, data: bytes) -> bytes:
+        chunk = parse_chunk("decode", data)
         choices = chunk["choices"]
+        if self._verbatim is None:
+            self._verbatim = chunk.get("id") == self._id and chunk.get("created") == self._created
         if not choices:  # the usage chunk the client asked for: decode's numbers are the truth
             self._note_usage(chunk)
-            return self._event(chunk, 0)
+            return self._event(data, chunk, 0)
+        if self._repeated.issuperset(c.get("index", 0) for c in choices) and not any(
+            self._is_role_chunk(c) for c in choices
+        ):
+            return self._event(data, chunk, len(choices))  # the common case: tokens, as sent
         kept: list[dict[str, Any]] = []
         tokens = 0
         for choice in choices:
@@ -100,11 +112,38 @@ class StreamMerger:
             kept.append(choice)
             tokens += 1
         if not kept:
-            return None
-        if tokens and self._trace.decode_first_token is None:
-            self._trace.decode_first_token = time.perf_counter()
+            return b""
         chunk["choices"] = kept
-        return self._event(chunk, tokens)
+        return self._rewritten(chunk, tokens)
+
+    def _event(self, data: bytes, chunk: dict[str, Any], tokens: int) -> bytes:
+        if not self._verbatim:
+            return self._rewritten(chunk, tokens)
+        self._count(tokens)
+        return encode_event(data)
+
+    def _rewritten(self, chunk: dict[str, Any], tokens: int) -> bytes:
+        chunk["id"] = self._id
+        chunk["created"] = self._created
+        self._count(tokens)
+        return encode_event(orjson.dumps(chunk))
+
+    def _count(self, tokens: int) -> None:
+        if tokens:
+            trace = self.trace
+            trace.completion_tokens += tokens
+            now = time.perf_counter()
+            if trace.first_token_sent is not None and trace.decode_first_token is None:
+                trace.decode_first_token = now
+            trace.token_sent(now)
+
+    def _is_role_chunk(self, choice: dict[str, Any]) -> bool:
+        return self._chat and "role" in (choice.get("delta") or {})
+
+    def _note_usage(self, chunk: dict[str, Any]) -> None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.trace.prompt_tokens = usage["prompt_tokens"]
 
     def _blanked(self, choice: dict[str, Any]) -> dict[str, Any]:
         """The repeated first token's chunk without the token: only its finish_reason remains."""

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
 
 
 class RequestView(BaseModel):
+    """Fields the prefill leg rewrites are checked here as vLLM checks them: otherwise prefill
+    would accept what decode refuses, and a stream would start before decode's 400."""
+
     model_config = ConfigDict(extra="ignore")
 
     stream: bool | None = False
@@ -23,10 +31,42 @@ class RequestView(BaseModel):
     logprobs: bool | int | None = None
     prompt_logprobs: int | None = None
     min_tokens: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    stream_options: StreamOptions | None = None
+    prompt: Any = None
+
+    @model_validator(mode="after")
+    def _token_limits(self) -> RequestView:
+        """vLLM's SamplingParams checks, with its messages."""
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}.")
+        limit = self.max_completion_tokens or self.max_tokens
+        if self.min_tokens is not None:
+            if self.min_tokens < 0:
+                raise ValueError(
+                    f"min_tokens must be greater than or equal to 0, got {self.min_tokens}."
+                )
+            if limit is not None and self.min_tokens > limit:
+                raise ValueError(
+                    f"min_tokens must be less than or equal to max_tokens={limit}, "
+                    f"got {self.min_tokens}."
+                )
+        return self
 
     @property
     def streaming(self) -> bool:
         return bool(self.stream)
+
+    @property
+    def prompt_count(self) -> int:
+        """Choices in the answer (n is 1): one per prompt of a completions prompt list."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return len(prompt)
+        return 1
 
 
 class InvalidField(Exception):
@@ -43,4 +83,6 @@ def read_request(body: dict[str, Any]) -> RequestView:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
+        if not param:  # a check across fields: its message says it all
+            raise InvalidField("", str(err["msg"]).removeprefix("Value error, ")) from None
         raise InvalidField(param, f"{param}: {err['msg']}") from None

@@ -23,10 +23,6 @@ class DIStrategy(Protocol):
     def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
         """The body the prefill leg sends."""
 
-    def release_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any] | None:
-        """A decode request that frees prefill's KV if decode refused the original, or None
-        when the protocol does not pin KV on the prefill server."""
-
 
 class NeuronFirstToken:
     name = "neuron-first-token"
@@ -66,9 +62,3 @@ class NeuronFirstToken:
             # The router drops this usage chunk; it only tells the router the prompt size.
             prefill["stream_options"] = {"include_usage": True}
         return prefill
-
-    def release_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any] | None:
-        """One token, not streamed: decode pulls the entry (same X-Request-Id) and finishes."""
-        return self.prefill_body(
-            {**body, "stream": False}, view.model_copy(update={"stream": False})
-        )

@@ -1,14 +1,18 @@
 """One upstream leg: a POST to a backend whose failures all become an `UpstreamError`.
 
-Every wait here is bounded (connect, read, whole-leg deadlines) and every leg is closed by its
-owner in `finally`, so a dead or stuck backend can neither hang a client nor leak a connection.
+Every read is bounded in time (connect, silence, whole-answer deadlines) and in bytes (error
+bodies, events, whole answers). A leg knows how far its backend got with the request, which is
+what decides, after a failure, whether a slot may still be held on that server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 from collections.abc import AsyncIterator, Mapping
+from enum import IntEnum
 from typing import Any
 
 import httpx
@@ -16,29 +20,47 @@ import orjson
 
 from di_router.router.backends import Backend
 from di_router.wire.errors import error_body
-from di_router.wire.sse import DONE_DATA, SSEDecoder
+from di_router.wire.sse import DONE_DATA, EventTooLarge, SSEDecoder
 
-_ERROR_BODY_LIMIT = 1 << 20
+log = logging.getLogger("di_router.upstream")
+
+ERROR_BODY_LIMIT = 64 * 1024
+_DRAIN_AFTER_DONE_S = 1.0
 
 
 class UpstreamError(Exception):
-    """A leg failed; `body` is the OpenAI error body to send, `error_type` labels metrics."""
+    """A leg failed; `body` is the OpenAI error body for the client, `detail` is for the log."""
 
-    def __init__(self, role: str, status: int, error_type: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self, role: str, status: int, error_type: str, body: dict[str, Any], detail: str = ""
+    ) -> None:
         super().__init__(f"{role}: {status} {error_type}")
         self.role = role
         self.status = status
         self.error_type = error_type
         self.body = body
+        self.detail = detail
 
     @classmethod
-    def make(cls, role: str, status: int, error_type: str, message: str) -> UpstreamError:
-        return cls(role, status, error_type, error_body(status, message))
+    def make(
+        cls, role: str, status: int, error_type: str, message: str, detail: str = ""
+    ) -> UpstreamError:
+        return cls(role, status, error_type, error_body(status, message), detail)
 
     @property
     def message(self) -> str:
         inner = self.body.get("error", self.body)
         return str(inner.get("message", inner)) if isinstance(inner, dict) else str(inner)
+
+    @property
+    def rejected(self) -> bool:
+        """The backend itself answered with an error: it holds nothing for this request."""
+        return self.error_type.startswith("http_") or self.error_type == "stream_error"
+
+    @property
+    def never_arrived(self) -> bool:
+        """The request never reached the backend (no connection)."""
+        return self.error_type in ("connect_error", "connect_timeout", "no_descriptors")
 
 
 def normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
@@ -52,11 +74,40 @@ def normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
     ):
         return body
     detail = body.get("error") if isinstance(body, dict) else raw[:500].decode(errors="replace")
-    return error_body(status, str(detail) or f"upstream answered HTTP {status}")
+    return error_body(status, str(detail or f"upstream answered HTTP {status}"))
+
+
+def _status_error(role: str, status: int, raw: bytes, location: str | None) -> UpstreamError:
+    """A 4xx is the backend judging the request: it reaches the client as is. Anything else
+    (5xx, 204, a redirect, 520) is the backend failing: a 502 that says so."""
+    body = normalise_error_body(status, raw)
+    if 400 <= status < 500:
+        return UpstreamError(role, status, f"http_{status}", body)
+    inner = body.get("error", body)
+    said = inner.get("message") if isinstance(inner, dict) else None
+    what = f"{role} server failed with HTTP {status}"
+    if 300 <= status < 400:
+        what = f"{role} server answered with a redirect (HTTP {status})"
+    elif status < 300:
+        what = f"{role} server answered HTTP {status} instead of 200"
+    message = f"{what}: {str(said)[:300]}" if said else what
+    detail = f"Location: {location}" if location else ""
+    return UpstreamError.make(role, 502, f"http_{status}", message, detail)
+
+
+class Progress(IntEnum):
+    """How far the backend got with the leg; failures keep the last value reached."""
+
+    SENT = 0
+    ACCEPTED = 1
+    """Response headers (200) arrived."""
+    EMITTED = 2
+    """A first event (or the whole answer) arrived: the server is past any KV wait."""
+    FINISHED = 3
 
 
 class Leg:
-    """A request in flight to one backend; headers are awaited separately from the body."""
+    """A request in flight to one backend; it starts at construction."""
 
     def __init__(
         self,
@@ -65,108 +116,133 @@ class Leg:
         content: bytes,
         headers: Mapping[str, str],
         read_timeout: float,
+        max_event_bytes: int,
     ) -> None:
         self.backend = backend
         self.role = backend.role
         self.path = path
+        self.content = content
         self.headers = headers
-        client = backend.client
-        timeout = client.timeout
-        # A Request built directly is about 4x cheaper than client.build_request (which parses
-        # and merges the URL every time); the backend keeps the parsed URL per path.
+        self.progress = Progress.SENT
+        self.error: UpstreamError | None = None
+        self._max_event_bytes = max_event_bytes
+        self.read_timeout = read_timeout
+        connect = backend.connect_timeout
+        # Straight to the transport: a Request built directly is about 4x cheaper than
+        # client.build_request, and the client layer (hooks, redirects, cookies, a body
+        # wrapper that does not survive cancellation) has nothing to do here.
         request = httpx.Request(
             "POST",
             backend.url_for(path),
             content=content,
             headers=headers,
-            extensions={"timeout": {"connect": timeout.connect, "read": read_timeout,
-                                    "write": timeout.write, "pool": timeout.pool}},
+            extensions={"timeout": {"connect": connect, "read": read_timeout,
+                                    "write": connect, "pool": connect}},
         )  # fmt: skip
-        self._task = asyncio.ensure_future(client.send(request, stream=True))
+        self._task = asyncio.ensure_future(backend.transport.handle_async_request(request))
         self._response: httpx.Response | None = None
+        self._raw: AsyncIterator[bytes] | None = None
+        self._decoder: SSEDecoder | None = None
+
+    def resend(self, read_timeout: float) -> Leg:
+        """The same request again, to the same server (a rescue keeps the pairing)."""
+        return Leg(
+            self.backend, self.path, self.content, self.headers, read_timeout,
+            self._max_event_bytes,
+        )  # fmt: skip
+
+    @property
+    def dispatched(self) -> asyncio.Future[httpx.Response]:
+        """Done when headers arrived or the request failed; never awaited for its result here."""
+        return self._task
 
     async def response(self) -> httpx.Response:
         """The 200 response with its body unread, or UpstreamError (the body is read and closed)."""
         if self._response is not None:
             return self._response
+        if self.error is not None:
+            raise self.error
         try:
-            response = await self._task
-        except httpx.ConnectTimeout:
-            raise self._error(
-                504, "connect_timeout", "did not accept a connection in time"
-            ) from None
-        except httpx.ConnectError as exc:
-            raise self._error(502, "connect_error", f"refused the connection ({exc})") from None
-        except httpx.TimeoutException:
-            raise self._error(504, "timeout", "did not answer in time") from None
+            response = await asyncio.shield(self._task)
         except httpx.HTTPError as exc:
-            raise self._error(502, "protocol_error", f"broke the connection ({exc!r})") from None
-        self._response = response
+            raise self._fail(self._transport_error(exc)) from None
         if response.status_code != 200:
-            try:
-                raw = await response.aread()
-            except httpx.HTTPError:
-                raw = b""
-            finally:
-                await response.aclose()
-            body = normalise_error_body(response.status_code, raw[:_ERROR_BODY_LIMIT])
-            raise UpstreamError(
-                self.role, response.status_code, f"http_{response.status_code}", body
+            raw = await self._read_capped(response, ERROR_BODY_LIMIT)
+            await response.aclose()
+            error = _status_error(
+                self.role, response.status_code, raw, response.headers.get("location")
             )
+            raise self._fail(error)
+        self._response = response
+        self.progress = Progress.ACCEPTED
         return response
 
-    async def settled(self) -> None:
-        """Wait until the headers are in or the request failed; never consumes nor cancels it."""
-        await asyncio.wait({self._task})
-
-    async def json(self) -> dict[str, Any]:
+    async def json(self, max_bytes: int) -> dict[str, Any]:
+        """The whole non-streamed answer; the caller bounds the time."""
         response = await self.response()
         try:
-            raw = await response.aread()
-        except httpx.TimeoutException:
-            raise self._error(504, "timeout", "stopped answering mid-response") from None
+            raw = await self._read_capped(response, max_bytes + 1, strict=True)
         except httpx.HTTPError as exc:
-            raise self._error(502, "protocol_error", f"broke the connection ({exc!r})") from None
+            raise self._fail(self._transport_error(exc, "while answering")) from None
+        if len(raw) > max_bytes:
+            raise self._fail(self._error(502, "too_large", f"answer is larger than {max_bytes} B"))
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise self._error(502, "bad_response", "sent a body that is not JSON") from None
+            raise self._fail(
+                self._error(502, "bad_response", "sent a body that is not JSON")
+            ) from None
         if not isinstance(body, dict):
-            raise self._error(502, "bad_response", "sent JSON that is not an object")
+            raise self._fail(self._error(502, "bad_response", "sent JSON that is not an object"))
+        self.progress = Progress.FINISHED
         return body
 
-    async def event_batches(self) -> AsyncIterator[list[bytes]]:
-        """The `data` payloads of an SSE body up to `[DONE]`, batched as they arrived.
+    async def next_events(self) -> list[bytes] | None:
+        """The next batch of `data` payloads as they arrived together; None after `[DONE]`.
 
-        Events that arrive together leave together (one write to the client instead of one per
-        event); a cut stream is an error.
+        Safe to cancel: no byte is lost, and another task may go on reading. A stream that
+        ends without `[DONE]` is an error.
         """
-        response = await self.response()
-        decoder = SSEDecoder()
-        done = False
-        try:
-            async for chunk in response.aiter_raw():
-                batch = []
-                for data in decoder.feed(chunk):
-                    if data == DONE_DATA:
-                        done = True
-                    elif not done:
-                        batch.append(data)
-                if batch:
-                    yield batch
-                # After [DONE], keep reading to the end of the body (the chunked terminator
-                # follows at once): a fully read response returns its connection to the pool.
-        except httpx.TimeoutException:
-            raise self._error(504, "timeout", "stalled mid-stream") from None
-        except httpx.HTTPError as exc:
-            if done:
-                return
-            raise self._error(502, "protocol_error", f"broke the stream ({exc!r})") from None
-        if not done:
-            raise self._error(502, "stream_cut", "closed the stream before [DONE]")
+        if self._raw is None:
+            response = await self.response()
+            self._raw = response.stream.__aiter__()  # type: ignore[union-attr]
+            self._decoder = SSEDecoder(self._max_event_bytes)
+        assert self._decoder is not None
+        if self.progress is Progress.FINISHED:
+            return None
+        while True:
+            try:
+                chunk = await anext(self._raw)
+            except StopAsyncIteration:
+                raise self._fail(
+                    self._error(502, "stream_cut", "closed the stream early")
+                ) from None
+            except httpx.HTTPError as exc:
+                raise self._fail(self._transport_error(exc, "mid-stream")) from None
+            try:
+                batch = self._decoder.feed(chunk)
+            except EventTooLarge as exc:
+                raise self._fail(self._error(502, "too_large", f"sent {exc}")) from None
+            if not batch:
+                continue
+            if batch[-1] == DONE_DATA or DONE_DATA in batch:
+                batch = batch[: batch.index(DONE_DATA)]
+                self.progress = Progress.FINISHED
+                await self._drain_tail()
+                return batch or None
+            self.progress = Progress.EMITTED
+            return batch
+
+    async def _drain_tail(self) -> None:
+        """Read what follows `[DONE]` (the chunked terminator), so the connection is reused."""
+        assert self._raw is not None
+        with contextlib.suppress(TimeoutError, httpx.HTTPError):
+            async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
+                async for _ in self._raw:
+                    pass
 
     async def aclose(self) -> None:
-        """Close the leg: the backend sees the disconnect and aborts the request."""
+        """Close the leg: an unfinished request is cut, and the backend sees the disconnect."""
         if not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
@@ -174,7 +250,46 @@ class Leg:
         elif not self._task.cancelled() and self._task.exception() is None:
             await self._task.result().aclose()
 
+    def _fail(self, error: UpstreamError) -> UpstreamError:
+        self.error = error
+        return error
+
     def _error(self, status: int, error_type: str, what: str) -> UpstreamError:
         return UpstreamError.make(
-            self.role, status, error_type, f"{self.role} server {self.backend.url} {what}"
+            self.role, status, error_type, f"{self.role} server {what}", self.backend.url
         )
+
+    def _transport_error(self, exc: httpx.HTTPError, when: str = "") -> UpstreamError:
+        suffix = f" {when}" if when else ""
+        detail = f"{self.backend.url}: {exc!r}"
+        if isinstance(exc, httpx.ConnectTimeout):
+            kind, what, status = "connect_timeout", "did not accept a connection in time", 504
+        elif isinstance(exc, httpx.ConnectError):
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+                kind, what, status = "no_descriptors", "could not be reached: the router is " \
+                    "out of file descriptors", 503  # fmt: skip
+            else:
+                kind, what, status = "connect_error", "refused the connection", 502
+        elif isinstance(exc, httpx.TimeoutException):
+            kind, what, status = "timeout", f"stopped answering{suffix}", 504
+        else:
+            kind, what, status = "protocol_error", f"broke the connection{suffix}", 502
+        return UpstreamError.make(self.role, status, kind, f"{self.role} server {what}", detail)
+
+    async def _read_capped(
+        self, response: httpx.Response, limit: int, strict: bool = False
+    ) -> bytes:
+        """Up to `limit` bytes of the body; the rest is never read (nor held)."""
+        parts: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in response.stream:  # type: ignore[union-attr]
+                parts.append(chunk)
+                size += len(chunk)
+                if size >= limit:
+                    break
+        except httpx.HTTPError:
+            if strict:
+                raise
+        return b"".join(parts)[:limit]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 DONE_EVENT = b"data: [DONE]\n\n"
 DONE_DATA = b"[DONE]"
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
@@ -13,27 +11,60 @@ def encode_event(data: bytes) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
-class SSEDecoder:
-    """Incremental decoder of an upstream SSE byte stream into `data` payloads.
+class EventTooLarge(ValueError):
+    """An upstream event grew past the decoder's cap: a broken or hostile backend."""
 
-    Works on whole events (split at blank lines), never on lines alone, so a payload of any size
-    or a chunk boundary anywhere is handled; comment lines (`: keep-alive`) are skipped.
+
+class SSEDecoder:
+    """Incremental decoder of an SSE byte stream into `data` payloads.
+
+    Linear in the bytes fed: the buffer is scanned only from where the last scan stopped, so a
+    large event arriving in many small reads costs no more than the same event in one read.
+    An event larger than `max_event_bytes` raises `EventTooLarge` instead of growing forever.
+    Works on whole events (split at blank lines, LF or CRLF), so a payload of any size or a
+    chunk boundary anywhere is handled; comment lines (`: keep-alive`) are skipped.
     """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    def __init__(self, max_event_bytes: int) -> None:
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._max = max_event_bytes
+        self._held_cr = False
 
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        self._buffer += chunk.replace(b"\r\n", b"\n") if b"\r" in chunk else chunk
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                return
-            event, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
-            data = [
-                line[5:].removeprefix(b" ")
-                for line in event.split(b"\n")
-                if line.startswith(b"data:")
-            ]
-            if data:
-                yield b"\n".join(data)
+    def feed(self, chunk: bytes) -> list[bytes]:
+        if self._held_cr or b"\r" in chunk:
+            chunk = self._lf_only(chunk)
+        buffer = self._buffer
+        buffer += chunk
+        events: list[bytes] = []
+        start = 0
+        search = max(self._scanned - 1, 0)
+        while (end := buffer.find(b"\n\n", search)) >= 0:
+            if data := _data_of(bytes(buffer[start:end])):
+                events.append(data)
+            start = search = end + 2
+        if start:
+            del buffer[:start]
+        self._scanned = len(buffer)
+        if self._scanned > self._max:
+            raise EventTooLarge(f"an event is larger than {self._max} bytes")
+        return events
+
+    def _lf_only(self, chunk: bytes) -> bytes:
+        """CRLF to LF, in this chunk only; a CR at its end waits for the next (it may be CRLF)."""
+        if self._held_cr:
+            chunk = b"\r" + chunk
+        self._held_cr = chunk.endswith(b"\r")
+        if self._held_cr:
+            chunk = chunk[:-1]
+        return chunk.replace(b"\r\n", b"\n")
+
+
+def _data_of(event: bytes) -> bytes:
+    """The event's `data` payload (lines joined by LF), or b"" when it has none."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]  # the common case: one `data:` line
+    lines = [
+        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines)

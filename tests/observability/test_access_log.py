@@ -65,7 +65,7 @@ def send_mix(router: Proc) -> dict[str, Any]:
     fail = httpx.post(
         url, json=body(LONG_PROMPT, False), headers={"X-Request-Id": CLIENT_FAIL}, timeout=30
     )
-    assert fail.status_code == 500, fail.text
+    assert fail.status_code == 502, fail.text
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             url, json=body(LONG_PROMPT, True), headers={"X-Request-Id": CLIENT_GONE}, timeout=0.2
@@ -105,7 +105,7 @@ def check_records(records: list[dict[str, Any]], seen: dict[str, Any]) -> None:
 
     fail = by_client[CLIENT_FAIL]
     assert fail["router_id"] == seen["fail_id"]
-    assert (str(fail["status"]), fail["outcome"]) == ("500", "upstream_error")
+    assert (str(fail["status"]), fail["outcome"]) == ("502", "upstream_error")
     assert fail["error"] == "decode:http_500"
     assert float(fail["total_ms"]) >= 800  # decode's KV wait
     assert fail["ttft_ms"] is None and fail["handoff_ms"] is None

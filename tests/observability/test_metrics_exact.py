@@ -119,14 +119,15 @@ def test_known_mix_gives_exact_metrics(stack):
     assert r.status_code == 400, r.text
     router_ids.append(r.headers["X-Request-Id"])
 
-    # Upstream failure: prefill is slower than decode's KV wait, so decode answers 500.
+    # Upstream failure: prefill is slower than decode's KV wait, so decode answers 500, which
+    # the router reports as a bad gateway (502).
     r = httpx.post(
         url + PATHS["completions"],
         json=completion(LONG_PROMPT),
         headers={"X-Request-Id": client_ids[7]},
         timeout=30,
     )
-    assert r.status_code == 500, r.text
+    assert r.status_code == 502, r.text
     router_ids.append(r.headers["X-Request-Id"])
 
     # The client gives up during prefill, before any byte of the answer.
@@ -145,7 +146,7 @@ def test_known_mix_gives_exact_metrics(stack):
         ("chat", "200"): 2.0,
         ("chat", "400"): 1.0,
         ("completions", "400"): 1.0,
-        ("completions", "500"): 1.0,
+        ("completions", "502"): 1.0,
         ("completions", "499"): 1.0,
     }
     assert value(text, "di_router_requests_in_flight") == 0

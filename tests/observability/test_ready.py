@@ -54,6 +54,8 @@ def test_ready_follows_decode_server_down_and_up():
                 "ready": True,
                 "prefill": {prefill_url: "up"},
                 "decode": {decode_url: "up"},
+                "draining": False,
+                "orphaned_decodes": 0,
             }
             wait_until(lambda: probe(url)[2] == 1, 5, "backend_up{role=decode} 1")
 

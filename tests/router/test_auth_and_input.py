@@ -39,7 +39,8 @@ def chat(**extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def auth():
-    """Sims that require `secret`; router `plain` has no key, router `keyed` has OPENAI_API_KEY."""
+    """Sims that require `secret`; router `plain` has no key, router `keyed` has the backends'
+    key in OPENAI_API_KEY but no client keys, router `gated` requires the client key `door`."""
     key = ["--api-key", "secret"]
     with di_stack(prefill_extra=key, decode_extra=key, env={"OPENAI_API_KEY": ""}) as s:
         keyed = start_router(
@@ -48,14 +49,20 @@ def auth():
             extra=["--health-interval", "0.2"],
             env={"OPENAI_API_KEY": "secret"},
         )
-        with running(keyed):
-            yield s, keyed
+        gated = start_router(
+            s.prefill,
+            s.decode,
+            extra=["--health-interval", "0.2", "--api-key", "door"],
+            env={"OPENAI_API_KEY": "secret"},
+        )
+        with running(keyed), running(gated):
+            yield s, keyed, gated
 
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("endpoint", ["completions", "chat/completions"])
 def test_client_bearer_is_forwarded_to_both_legs(auth, stream, endpoint):
-    s, _ = auth
+    s, _, _ = auth
     body = (completion if endpoint == "completions" else chat)(stream=stream)
     got = httpx.post(
         f"{s.router.url}/v1/{endpoint}",
@@ -75,7 +82,7 @@ def test_client_bearer_is_forwarded_to_both_legs(auth, stream, endpoint):
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("authorization", ["Bearer wrong", None])
 def test_wrong_or_missing_key_is_401(auth, stream, authorization):
-    s, _ = auth
+    s, _, _ = auth
     headers = {"Authorization": authorization} if authorization else {}
     before = sim_stats(s.prefill)["kv"]
     got = httpx.post(
@@ -95,32 +102,66 @@ def test_wrong_or_missing_key_is_401(auth, stream, authorization):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_router_env_key_is_used_without_client_header(auth, stream):
-    s, keyed = auth
+def test_backend_key_is_never_sent_for_an_unauthenticated_client(auth, stream):
+    """OPENAI_API_KEY on a router without client keys used to make it an open relay: a client
+    with no Authorization header got the router's key forwarded and a 200."""
+    s, keyed, _ = auth
+    before = sim_stats(s.prefill)["kv"]
     got = httpx.post(keyed.url + "/v1/completions", json=completion(stream=stream), timeout=10)
-    assert got.status_code == 200, got.text
+    is_openai_error(got, 401)
     wait_idle(keyed, s.prefill, s.decode)
-    # The client's own header still wins over the router's key.
+    assert sim_stats(s.prefill)["kv"] == before
+    # A client that brings the backends' own key is served as before.
     got = httpx.post(
         keyed.url + "/v1/completions",
         json=completion(stream=stream),
-        headers={"Authorization": "Bearer wrong"},
+        headers={"Authorization": "Bearer secret"},
         timeout=10,
     )
-    is_openai_error(got, 401)
+    assert got.status_code == 200, got.text
     wait_idle(keyed, s.prefill, s.decode)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("authorization", [None, "Bearer secret", "Bearer doorx", "Basic door"])
+def test_router_keys_gate_v1_before_any_backend_work(auth, stream, authorization):
+    s, _, gated = auth
+    before = sim_stats(s.prefill)["kv"]
+    headers = {"Authorization": authorization} if authorization else {}
+    got = httpx.post(
+        gated.url + "/v1/completions", json=completion(stream=stream), headers=headers, timeout=10
+    )
+    is_openai_error(got, 401)
+    assert sim_stats(s.prefill)["kv"] == before
+    is_openai_error(httpx.get(gated.url + "/v1/models", headers=headers), 401)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_authenticated_client_is_served_with_the_backend_key(auth, stream):
+    s, _, gated = auth
+    got = httpx.post(
+        gated.url + "/v1/chat/completions",
+        json=chat(stream=stream),
+        headers={"Authorization": "Bearer door"},
+        timeout=10,
+    )
+    assert got.status_code == 200, got.text
+    wait_idle(gated, s.prefill, s.decode)
+    models = httpx.get(gated.url + "/v1/models", headers={"Authorization": "Bearer door"})
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == MODEL
+    for open_path in ("/health", "/ready", "/metrics"):
+        assert httpx.get(gated.url + open_path).status_code == 200, open_path
+
+
 def test_models_auth(auth):
-    s, keyed = auth
+    s, keyed, _ = auth
     ok = httpx.get(s.router.url + "/v1/models", headers={"Authorization": "Bearer secret"})
     assert ok.status_code == 200 and ok.json()["data"][0]["id"] == MODEL
     is_openai_error(httpx.get(s.router.url + "/v1/models"), 401)
     is_openai_error(
         httpx.get(s.router.url + "/v1/models", headers={"Authorization": "Bearer wrong"}), 401
     )
-    got = httpx.get(keyed.url + "/v1/models")
-    assert got.status_code == 200 and got.json()["data"][0]["id"] == MODEL
+    is_openai_error(httpx.get(keyed.url + "/v1/models"), 401)
 
 
 # -- 7/8/9: one plain stack with a small body limit ----------------------------------------------
@@ -333,9 +374,14 @@ def test_request_id_header_matches_response_ids(plain):
 
 def test_model_label_is_learned_with_the_routers_key(auth):
     """The health monitor lists models with the router's key, so labels name the real model."""
-    _, keyed = auth
+    _, keyed, _ = auth
     before = metric(keyed, "di_router_requests_total", model_name=MODEL, status="200")
-    got = httpx.post(keyed.url + "/v1/completions", json=completion(stream=False), timeout=10)
+    got = httpx.post(
+        keyed.url + "/v1/completions",
+        json=completion(stream=False),
+        headers={"Authorization": "Bearer secret"},
+        timeout=10,
+    )
     assert got.status_code == 200, got.text
     after = metric(keyed, "di_router_requests_total", model_name=MODEL, status="200")
     assert after == before + 1

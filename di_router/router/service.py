@@ -1,0 +1,149 @@
+"""The router's long-lived state (backends, protocol, policies) and the door every completion
+request comes through: shutdown, admission, then its lifecycle (`lifecycle.Completion`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import orjson
+
+from di_router.router.access_control import AccessControl, trace_headers
+from di_router.router.admission import Admission, Overloaded
+from di_router.router.backends import make_pool
+from di_router.router.client import Client, Receive, Scope, Send
+from di_router.router.config import RouterConfig
+from di_router.router.health import HealthMonitor
+from di_router.router.lifecycle import SHUTDOWN, Completion
+from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
+from di_router.router.recorder import Recorder
+from di_router.router.settle import Settler
+from di_router.router.strategy import NeuronFirstToken
+from di_router.router.trace import RequestTrace
+from di_router.router.upstream import Leg, UpstreamError
+from di_router.wire.errors import error_body
+
+log = logging.getLogger("di_router.router")
+
+_SETTLE_ON_STOP_S = 5.0
+
+
+class RouterService:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.metrics = RouterMetrics()
+        self.prefill = make_pool("prefill", config.prefill_urls, config)
+        self.decode = make_pool("decode", config.decode_urls, config)
+        self.strategy = NeuronFirstToken()
+        self.access = AccessControl(config.api_keys, config.backend_api_key)
+        self.recorder = Recorder(self.metrics, self.model_label, config.log_format == "json")
+        self.settler = Settler(self.metrics, config.settle_timeout_s)
+        self.admission = Admission(
+            config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout_s
+        )
+        self.health = HealthMonitor(
+            [self.prefill, self.decode],
+            self.metrics,
+            config.health_interval_s,
+            self.access.backend_authorization,
+        )
+        self.draining = False
+        self._active: set[asyncio.Task[None]] = set()
+        self._drain_task: asyncio.Task[None] | None = None
+
+    # -- serving ---------------------------------------------------------------------------------
+    async def serve_completion(
+        self, scope: Scope, receive: Receive, send: Send, chat: bool
+    ) -> None:
+        client = Client(scope, receive, send)
+        if self.draining:
+            await self._turn_away(client, 503, "shutdown", "The router is shutting down.")
+            return
+        try:
+            await self.admission.enter()
+        except Overloaded:
+            await self._turn_away(
+                client, 429, "overload", "Too many requests in flight; retry shortly."
+            )
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)  # type: ignore[arg-type]
+        self.recorder.started()
+        try:
+            await Completion(self, client, chat).run()
+        finally:
+            self._active.discard(task)  # type: ignore[arg-type]
+            self.admission.leave()
+
+    async def _turn_away(self, client: Client, status: int, reason: str, message: str) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        await client.respond(
+            status, orjson.dumps(error_body(status, message)), [(b"retry-after", b"1")]
+        )
+
+    def open_leg(
+        self, role: str, path: str, content: bytes, headers: dict[str, str], stream: bool
+    ) -> Leg:
+        """A leg's socket may stay silent for its role's bound; a non-streamed decode sends
+        nothing before its whole answer, so its socket waits as long as settling may (the
+        client's own deadline is enforced by the lifecycle)."""
+        config = self.config
+        if role == "prefill":
+            backend, read_timeout = self.prefill.pick(), config.prefill_timeout_s
+        else:
+            backend = self.decode.pick()
+            read_timeout = config.decode_timeout_s if stream else config.settle_timeout_s
+        return Leg(backend, path, content, headers, read_timeout, config.max_event_bytes)
+
+    def upstream_headers(self, client: Client, hex_id: str) -> dict[str, str]:
+        """Only an allow-list goes upstream. The id is the bare hex: vLLM then names the
+        request `cmpl-<hex>`, the client's id, and both servers derive one engine id from it."""
+        headers = {"Content-Type": "application/json", "X-Request-Id": hex_id}
+        authorization = self.access.upstream_authorization(client.headers)
+        if authorization:
+            headers["Authorization"] = authorization
+        headers.update(trace_headers(client.headers))
+        return headers
+
+    def log_upstream_error(self, error: UpstreamError, trace: RequestTrace) -> None:
+        log.warning(
+            "%s %s: %s (%s)", trace.router_id, error.role, error.message, error.detail or "-"
+        )
+
+    def client_error_body(self, error: UpstreamError) -> dict[str, object]:
+        if not self.config.verbose_errors or not error.detail:
+            return error.body
+        return error_body(error.status, f"{error.message} [{error.detail}]")
+
+    def model_label(self, model: str | None) -> str:
+        """The request's model if a decode server serves it: labels stay bounded."""
+        known = {name for b in self.decode.backends for name in b.model_names}
+        return model if model in known else UNKNOWN_MODEL
+
+    # -- life ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.health.poll_once()
+        self.health.start()
+
+    def begin_drain(self) -> None:
+        """SIGTERM/SIGINT: not ready any more; requests in flight get the drain timeout."""
+        if self._drain_task is None:
+            self.draining = True
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        active = set(self._active)
+        if active:
+            log.info("draining %d requests (up to %gs)", len(active), self.config.drain_timeout_s)
+            await asyncio.wait(active, timeout=self.config.drain_timeout_s)
+        for task in self._active:
+            task.cancel(SHUTDOWN)
+
+    async def stop(self) -> None:
+        if self._drain_task is not None:
+            await self._drain_task
+        await self.health.stop()
+        await self.settler.wait(_SETTLE_ON_STOP_S)
+        await self.prefill.aclose()
+        await self.decode.aclose()
