@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+_run_loop: Callable[[Coroutine[Any, Any, None]], None]
 try:  # uvloop is a hard dependency on Linux/macOS; fall back quietly elsewhere.
     import uvloop
+
+    _run_loop = uvloop.run
 except ImportError:  # pragma: no cover
-    uvloop = None
+    _run_loop = asyncio.run
 
 
 def hypercorn_config(host: str, port: int, **overrides: object) -> Config:
@@ -58,12 +61,9 @@ def run(
             loop.add_signal_handler(sig, stopping)
         if on_bound is not None:
             _call_when_bound(on_bound)
-        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        await serve(app, config, shutdown_trigger=stop.wait)
 
-    if uvloop is not None:
-        uvloop.run(main())
-    else:  # pragma: no cover
-        asyncio.run(main())
+    _run_loop(main())
 
 
 def _call_when_bound(callback: Callable[[], None]) -> None:

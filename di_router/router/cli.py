@@ -32,6 +32,10 @@ def _env(name: str, default: object) -> object:
     return os.environ.get(f"DI_ROUTER_{name.upper()}", default)
 
 
+def _env_flag(name: str) -> bool:
+    return str(_env(name, "")).lower() in ("1", "true", "yes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="neuron-proxy-server",
@@ -39,9 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
         "a prefill and a decode vLLM server. Each flag can also be set as DI_ROUTER_<FLAG>.",
     )
 
-    def add(flag: str, default: object, kind: type, help_text: str, **kw: object) -> None:
+    def add(
+        flag: str,
+        default: object,
+        kind: type,
+        help_text: str,
+        choices: Sequence[str] | None = None,
+    ) -> None:
         name = flag.removeprefix("--").replace("-", "_")
-        p.add_argument(flag, type=kind, default=_env(name, default), help=help_text, **kw)
+        p.add_argument(
+            flag, type=kind, default=_env(name, default), help=help_text, choices=choices
+        )
 
     add("--prefill-ip", "localhost", str, "prefill (KV producer) server host")
     add("--prefill-port", 8100, int, "prefill server port")
@@ -130,13 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protect-metrics",
         action="store_true",
-        default=_env("protect_metrics", "") in ("1", "true", "yes"),
+        default=_env_flag("protect_metrics"),
         help="require a client key on /metrics too",
     )
     p.add_argument(
         "--verbose-errors",
         action="store_true",
-        default=_env("verbose_errors", "") in ("1", "true", "yes"),
+        default=_env_flag("verbose_errors"),
         help="put backend URLs and exception details in client errors (development only)",
     )
     add(
@@ -202,7 +214,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
 def _api_keys(flags: list[str] | None) -> list[str]:
     if flags:
         return flags
-    return [key.strip() for key in _env("api_key", "").split(",") if key.strip()]
+    return [key.strip() for key in str(_env("api_key", "")).split(",") if key.strip()]
 
 
 def raise_descriptor_limit() -> int:

@@ -48,7 +48,7 @@ class RouterService:
             self.access.backend_authorization,
         )
         self.draining = False
-        self._active: set[asyncio.Task[None]] = set()
+        self._active: set[asyncio.Task[object]] = set()
         self._drain_task: asyncio.Task[None] | None = None
 
     # -- serving ---------------------------------------------------------------------------------
@@ -68,12 +68,12 @@ class RouterService:
             return
         task = asyncio.current_task()
         assert task is not None
-        self._active.add(task)  # type: ignore[arg-type]
+        self._active.add(task)
         self.recorder.started()
         try:
             await Completion(self, client, chat).run()
         finally:
-            self._active.discard(task)  # type: ignore[arg-type]
+            self._active.discard(task)
             self.admission.leave()
 
     async def _turn_away(self, client: Client, status: int, reason: str, message: str) -> None:
