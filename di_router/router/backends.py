@@ -11,6 +11,7 @@ from di_router.router.config import RouterConfig
 from di_router.router.transport import AiohttpTransport
 
 _HEALTH_CONNECTIONS = 2
+_STUCK_AFTER_TIMEOUTS = 2
 
 
 @dataclass(eq=False)
@@ -23,8 +24,20 @@ class Backend:
     """Health checks and model lists, on a pool of their own: a busy backend is not a dead one."""
     connect_timeout: float = 5.0
     healthy: bool = False
+    stranded: int = 0
+    """KV entries on this (prefill) server that nobody will pull: failed releases."""
+    timeouts_in_a_row: int = 0
+    """Prefill legs that timed out before their first token since the last that did not."""
     model_names: tuple[str, ...] = field(default_factory=tuple)
     _urls: dict[str, httpx.URL] = field(default_factory=dict, repr=False)
+
+    @property
+    def state(self) -> str:
+        if not self.healthy:
+            return "down"
+        if self.stranded and self.timeouts_in_a_row >= _STUCK_AFTER_TIMEOUTS:
+            return "stuck"
+        return "up"
 
     def url_for(self, path: str) -> httpx.URL:
         url = self._urls.get(path)
@@ -38,7 +51,7 @@ class Backend:
 
 
 class BackendPool:
-    """Round-robin over the healthy backends of one role (all of them if none is healthy)."""
+    """Round-robin over the backends of one role that are up (all of them if none is)."""
 
     def __init__(self, role: str, backends: list[Backend]) -> None:
         self.role = role
@@ -46,12 +59,8 @@ class BackendPool:
         self._counter = itertools.count()
 
     def pick(self) -> Backend:
-        candidates = [b for b in self.backends if b.healthy] or self.backends
+        candidates = [b for b in self.backends if b.state == "up"] or self.backends
         return candidates[next(self._counter) % len(candidates)]
-
-    @property
-    def any_healthy(self) -> bool:
-        return any(b.healthy for b in self.backends)
 
     async def aclose(self) -> None:
         for backend in self.backends:

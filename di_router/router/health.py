@@ -61,6 +61,8 @@ class HealthMonitor:
                     backend.model_names = tuple(m["id"] for m in models.json().get("data", []))
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             healthy = False
+        if healthy and not backend.healthy:
+            backend.stranded = 0  # a server that was down restarted: it holds nothing now
         if healthy != backend.healthy:
             log.log(
                 logging.INFO if healthy else logging.WARNING,
@@ -73,8 +75,9 @@ class HealthMonitor:
         self._metrics.backend_up.labels(backend.role, backend.url).set(1 if healthy else 0)
 
     def readiness(self) -> tuple[bool, dict[str, dict[str, str]]]:
-        report = {
-            pool.role: {b.url: "up" if b.healthy else "down" for b in pool.backends}
-            for pool in self._pools
-        }
-        return all(pool.any_healthy for pool in self._pools), report
+        """Each backend "up", "down" (its /health fails) or "stuck": a prefill server that
+        answers /health but whose slots are held by KV entries nobody will pull (releases
+        failed, and its last requests timed out before their first token)."""
+        report = {pool.role: {b.url: b.state for b in pool.backends} for pool in self._pools}
+        ready = all(any(b.state == "up" for b in pool.backends) for pool in self._pools)
+        return ready, report

@@ -79,10 +79,13 @@ class Pair:
         return self.first.done() and not self.first.cancelled() and not self.first.exception()
 
     async def _read_prefill(self) -> None:
+        backend = self.prefill.backend
         try:
             async with asyncio.timeout(self._timeout):
                 self.first.set_result(await self._first_token())
+            backend.timeouts_in_a_row = 0
         except TimeoutError:
+            backend.timeouts_in_a_row += 1
             self.first.set_exception(
                 UpstreamError.make(
                     "prefill",

@@ -14,9 +14,9 @@ So every pair is settled by the same rules, however its request ended:
    entry: if prefill failed, the same prefill request is sent again to the same server
    ("rescue", with backoff, bounded). Then decode is read until it emits (it is past
    `transferring`, so closing it aborts it) or ends.
-3. A decode that never took the request (refused, or rejected it) cannot pull prefill's entry:
-   if prefill produced one, the router pulls it itself with a one-token decode request under
-   the same `X-Request-Id` ("release").
+3. A decode that never took the request (refused, or rejected it), or that ended before it
+   emitted, will not pull prefill's entry: if prefill produced one, the router pulls it itself
+   with a one-token decode request under the same `X-Request-Id` ("release").
 Everything is bounded by the settle timeout; what is given up is counted and logged.
 """
 
@@ -93,26 +93,30 @@ class Settler:
                 await decode.response()  # a refusal or rejection shows now
         if decode.progress >= Progress.EMITTED:
             return  # past `transferring`: closing it aborts it
-        failed = decode.error
-        if failed is not None and (failed.never_arrived or failed.rejected):
-            if pair.produced:  # rule 3
-                await self._release(pair)
-            return
-        # Rule 2: decode may be waiting for KV (sent, accepted, or broken before emitting).
-        gauge = self._metrics.orphaned_decodes
-        gauge.inc()
-        self.orphaned += 1
         produced = pair.produced
-        try:
-            produced = produced or await self._rescue(pair)
-            if failed is None:
-                await _until_emitted(decode, pair.stream)
-        except UpstreamError as exc:
-            if (exc.never_arrived or exc.rejected) and produced:
-                await self._release(pair)
-        finally:
-            gauge.dec()
-            self.orphaned -= 1
+        failed = decode.error
+        if failed is None or not (failed.never_arrived or failed.rejected):
+            # Rule 2: decode may be waiting for KV (accepted, or broken before emitting).
+            self._metrics.orphaned_decodes.inc()
+            self.orphaned += 1
+            try:
+                produced = produced or await self._rescue(pair)
+                if failed is None:
+                    try:
+                        await _until_emitted(decode, pair.stream)
+                        return
+                    except UpstreamError as exc:
+                        failed = exc
+                elif not pair.produced:
+                    return  # its KV is on the way; nothing more can be known of it
+            finally:
+                self._metrics.orphaned_decodes.dec()
+                self.orphaned -= 1
+        # Rule 3: decode ended before emitting. A KV entry made for it is stranded (a decode
+        # that waited this long was queued, not pulling): abort it and pull the entry.
+        if produced:
+            await decode.aclose()
+            await self._release(pair)
 
     async def _rescue(self, pair: Pair) -> bool:
         """Send prefill's request again to the same server until it produces the KV entry the
@@ -166,6 +170,8 @@ class Settler:
             finally:
                 await puller.aclose()
         self._metrics.kv_releases.labels(outcome).inc()
+        if outcome == "failed":
+            pair.prefill.backend.stranded += 1
 
 
 async def _until_emitted(decode: Leg, stream: bool) -> None:
