@@ -95,7 +95,7 @@ def _ops_app(service: RouterService) -> Quart:
 
     @app.get("/v1/models")
     async def models() -> Response:
-        backend = service.decode.pick()
+        backend = service.selection.pick()[1]
         headers = {}
         if authorization := service.access.upstream_authorization(
             {k.lower(): v for k, v in request.headers.items()}

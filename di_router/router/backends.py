@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import itertools
+import random
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import httpx
 
 from di_router.router.config import RouterConfig
 from di_router.router.transport import AiohttpTransport
 
+T = TypeVar("T")
 _HEALTH_CONNECTIONS = 2
 _STUCK_AFTER_TIMEOUTS = 2
 
@@ -28,6 +32,8 @@ class Backend:
     """KV entries on this (prefill) server that nobody will pull: failed releases."""
     timeouts_in_a_row: int = 0
     """Prefill legs that timed out before their first token since the last that did not."""
+    outstanding: int = 0
+    """Legs in flight on this backend (the load that selection balances)."""
     model_names: tuple[str, ...] = field(default_factory=tuple)
     _urls: dict[str, httpx.URL] = field(default_factory=dict, repr=False)
 
@@ -51,20 +57,68 @@ class Backend:
 
 
 class BackendPool:
-    """Round-robin over the backends of one role that are up (all of them if none is)."""
+    """The backends of one role."""
 
     def __init__(self, role: str, backends: list[Backend]) -> None:
         self.role = role
         self.backends = backends
-        self._counter = itertools.count()
 
-    def pick(self) -> Backend:
-        candidates = [b for b in self.backends if b.state == "up"] or self.backends
-        return candidates[next(self._counter) % len(candidates)]
+    def usable(self, exclude: Collection[Backend] = ()) -> list[Backend]:
+        """Backends that are up; if none is, every one not excluded (a health check may
+        simply not have run yet, and a refused connection answers fast)."""
+        allowed = [b for b in self.backends if b not in exclude]
+        return [b for b in allowed if b.state == "up"] or allowed
 
     async def aclose(self) -> None:
         for backend in self.backends:
             await backend.aclose()
+
+
+class Selection:
+    """Which prefill and which decode serve a request.
+
+    `static` pairs the i-th prefill with the i-th decode and picks a pair, never the two
+    halves apart: a Neuron 2.24 decode server pulls KV only from the one producer it paired
+    with at startup. `any` picks each role on its own (vLLM V1 NIXL, Neuron 2.26 discovery).
+    Within that, `least_outstanding` takes the less loaded of two random candidates (power of
+    two choices: near-best balance without a global scan); `round_robin` takes turns.
+    """
+
+    def __init__(
+        self, prefill: BackendPool, decode: BackendPool, pairing: str, policy: str, seed: int = 0
+    ) -> None:
+        if pairing == "static" and len(prefill.backends) != len(decode.backends):
+            raise ValueError(
+                "static pairing needs as many prefill as decode servers (the i-th with the i-th)"
+            )
+        self.prefill = prefill
+        self.decode = decode
+        self.pairing = pairing
+        self._policy = policy
+        self._turn = itertools.count()
+        self._rng = random.Random(seed)
+
+    def pick(self, exclude: Collection[Backend] = ()) -> tuple[Backend, Backend]:
+        if self.pairing == "static":
+            pairs = list(zip(self.prefill.backends, self.decode.backends, strict=True))
+            allowed = [p for p in pairs if p[0] not in exclude and p[1] not in exclude]
+            candidates = [p for p in allowed if p[0].state == p[1].state == "up"] or allowed
+            if not candidates:
+                candidates = pairs
+            return self._choose(candidates, lambda p: p[0].outstanding + p[1].outstanding)
+        prefill = self._choose(self.prefill.usable(exclude) or self.prefill.backends, _load)
+        decode = self._choose(self.decode.usable(exclude) or self.decode.backends, _load)
+        return prefill, decode
+
+    def _choose(self, candidates: Sequence[T], load: Callable[[T], int]) -> T:
+        if self._policy == "round_robin" or len(candidates) == 1:
+            return candidates[next(self._turn) % len(candidates)]
+        a, b = self._rng.sample(candidates, 2)
+        return a if load(a) <= load(b) else b
+
+
+def _load(backend: Backend) -> int:
+    return backend.outstanding
 
 
 def make_pool(role: str, urls: list[str], config: RouterConfig) -> BackendPool:

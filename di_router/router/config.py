@@ -13,6 +13,10 @@ class RouterConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
+    pairing: Literal["static", "any"] = "static"
+    """static: the i-th prefill serves with the i-th decode (Neuron 2.24); any: each role is
+    picked on its own (vLLM V1 NIXL, Neuron 2.26 discovery)."""
+    selection: Literal["least_outstanding", "round_robin"] = "least_outstanding"
 
     connect_timeout_s: float = Field(default=5.0, gt=0)
     """Bound on opening a connection to a backend: a dead backend answers 502 within it."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from di_router.router.backends import Backend
 from di_router.router.client import DISCONNECTED, BodyError, Client, ClientGone
 from di_router.router.relay import StreamMerger
 from di_router.router.request_view import InvalidField, read_request
@@ -65,7 +66,7 @@ class Pair:
         self.prefill = prefill
         self.decode = decode
         self.stream = stream
-        self._merger = merger
+        self.merger = merger
         self._timeout = prefill_timeout
         self._max_response_bytes = max_response_bytes
         loop = asyncio.get_running_loop()
@@ -110,7 +111,7 @@ class Pair:
     async def _first_token(self) -> Any:
         if not self.stream:
             return await self.prefill.json(self._max_response_bytes)
-        merger = self._merger
+        merger = self.merger
         assert merger is not None
         events: list[bytes] = []
         while not merger.has_first_tokens:
@@ -123,8 +124,13 @@ class Pair:
         return b"".join(events)
 
     def _merge(self, data: bytes) -> bytes:
-        assert self._merger is not None
-        return self._merger.prefill(data)
+        assert self.merger is not None
+        return self.merger.prefill(data)
+
+    def detach(self, scratch: RequestTrace) -> None:
+        """The request moved on to another pair: what this one still reads counts nowhere."""
+        if self.merger is not None:
+            self.merger.trace = scratch
 
     async def first_token(self) -> Any:
         """Prefill's first token, or the first error of either leg: a decode leg that fails
@@ -191,7 +197,6 @@ class Completion:
 
     async def _serve(self, raw: bytes) -> tuple[int, Outcome]:
         service, trace = self.service, self.trace
-        config = service.config
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -219,27 +224,55 @@ class Completion:
                 Outcome.CLIENT_ERROR
             )
         del body  # held once: from here on only the bytes each leg sends
-        headers = service.upstream_headers(self.client, self.hex_id)
-        path = "/v1/chat/completions" if self.chat else "/v1/completions"
         created = int(time.time())
-        client_id = f"chatcmpl-{self.hex_id}" if self.chat else trace.router_id
-        merger = None
-        if trace.stream:
-            merger = StreamMerger(trace, client_id, created, self.chat, view.prompt_count)
-        # Both legs leave now: decode must hold the request to reserve its slot early.
-        prefill = service.open_leg("prefill", path, prefill_content, headers, trace.stream)
-        decode = service.open_leg("decode", path, raw, headers, trace.stream)
-        self.pair = Pair(
-            prefill, decode, trace.stream, merger, config.prefill_timeout_s,
-            config.max_response_bytes,
-        )  # fmt: skip
-        if merger is not None:
-            return await self._stream(self.pair, merger)
-        return await self._unary(self.pair, client_id, created)
+        first = await self._dispatch(raw, prefill_content, view.prompt_count, created)
+        pair = self.pair
+        assert pair is not None
+        if pair.merger is not None:
+            return await self._stream(pair, pair.merger, first)
+        return await self._unary(pair, self._client_id, created, first)
 
-    async def _stream(self, pair: Pair, merger: StreamMerger) -> tuple[int, Outcome]:
+    @property
+    def _client_id(self) -> str:
+        return f"chatcmpl-{self.hex_id}" if self.chat else self.trace.router_id
+
+    async def _dispatch(
+        self, raw: bytes, prefill_content: bytes, choices: int, created: int
+    ) -> Any:
+        """Both legs leave at once (decode must hold the request to reserve its slot early);
+        the result is prefill's first token. A pair that could not even be connected to is
+        settled and the request goes to another, under a new id, while nothing was sent."""
+        service, trace = self.service, self.trace
+        config = service.config
+        path = "/v1/chat/completions" if self.chat else "/v1/completions"
+        tried: set[Backend] = set()
+        while True:
+            merger = None
+            if trace.stream:
+                merger = StreamMerger(trace, self._client_id, created, self.chat, choices)
+            headers = service.upstream_headers(self.client, self.hex_id)
+            prefill, decode = service.open_legs(
+                path, prefill_content, raw, headers, trace.stream, tried
+            )
+            self.pair = pair = Pair(
+                prefill, decode, trace.stream, merger, config.prefill_timeout_s,
+                config.max_response_bytes,
+            )  # fmt: skip
+            try:
+                return await pair.first_token()
+            except UpstreamError as exc:
+                failed = prefill if exc.role == "prefill" else decode
+                tried.add(failed.backend)
+                if not exc.never_arrived or trace.completion_tokens or not service.has_other(tried):
+                    raise
+                log.info("%s: %s, trying another pair", trace.router_id, exc.message)
+            pair.detach(RequestTrace(router_id=trace.router_id, endpoint=trace.endpoint))
+            self.service.settler.take(pair, clean=False)
+            self.hex_id = uuid.uuid4().hex
+            trace.router_id = f"cmpl-{self.hex_id}"
+
+    async def _stream(self, pair: Pair, merger: StreamMerger, first: bytes) -> tuple[int, Outcome]:
         client = self.client
-        first = await pair.first_token()
         # The first token goes out as soon as prefill has it, whatever decode is doing.
         await client.start(200, [*_SSE_HEADERS, (b"x-request-id", self.trace.router_id.encode())])
         await client.write(first)
@@ -261,9 +294,10 @@ class Completion:
         await client.write(DONE_EVENT, last=True)
         return 200, Outcome.OK
 
-    async def _unary(self, pair: Pair, client_id: str, created: int) -> tuple[int, Outcome]:
+    async def _unary(
+        self, pair: Pair, client_id: str, created: int, prefill_answer: dict[str, Any]
+    ) -> tuple[int, Outcome]:
         config, trace = self.service.config, self.trace
-        prefill_answer = await pair.first_token()
         trace.prefill_done = time.perf_counter()
         try:
             async with asyncio.timeout(config.decode_timeout_s):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Collection
 
 import orjson
 
 from di_router.router.access_control import AccessControl, trace_headers
 from di_router.router.admission import Admission, Overloaded
-from di_router.router.backends import make_pool
+from di_router.router.backends import Backend, Selection, make_pool
 from di_router.router.client import Client, Receive, Scope, Send
 from di_router.router.config import RouterConfig
 from di_router.router.health import HealthMonitor
@@ -34,6 +36,9 @@ class RouterService:
         self.metrics = RouterMetrics()
         self.prefill = make_pool("prefill", config.prefill_urls, config)
         self.decode = make_pool("decode", config.decode_urls, config)
+        self.selection = Selection(
+            self.prefill, self.decode, config.pairing, config.selection, seed=os.getpid()
+        )
         self.strategy = NeuronFirstToken()
         self.access = AccessControl(config.api_keys, config.backend_api_key)
         self.recorder = Recorder(self.metrics, self.model_label, config.log_format == "json")
@@ -82,19 +87,33 @@ class RouterService:
             status, orjson.dumps(error_body(status, message)), [(b"retry-after", b"1")]
         )
 
-    def open_leg(
-        self, role: str, path: str, content: bytes, headers: dict[str, str], stream: bool
-    ) -> Leg:
-        """A leg's socket may stay silent for its role's bound; a non-streamed decode sends
+    def open_legs(
+        self,
+        path: str,
+        prefill_content: bytes,
+        decode_content: bytes,
+        headers: dict[str, str],
+        stream: bool,
+        exclude: Collection[Backend] = (),
+    ) -> tuple[Leg, Leg]:
+        """Both legs of one request, on a pair the selection picks; they start at once.
+
+        A leg's socket may stay silent for its role's bound; a non-streamed decode sends
         nothing before its whole answer, so its socket waits as long as settling may (the
         client's own deadline is enforced by the lifecycle)."""
         config = self.config
-        if role == "prefill":
-            backend, read_timeout = self.prefill.pick(), config.prefill_timeout_s
-        else:
-            backend = self.decode.pick()
-            read_timeout = config.decode_timeout_s if stream else config.settle_timeout_s
-        return Leg(backend, path, content, headers, read_timeout, config.max_event_bytes)
+        prefill, decode = self.selection.pick(exclude)
+        decode_silence = config.decode_timeout_s if stream else config.settle_timeout_s
+        return (
+            Leg(prefill, path, prefill_content, headers, config.prefill_timeout_s,
+                config.max_event_bytes),
+            Leg(decode, path, decode_content, headers, decode_silence, config.max_event_bytes),
+        )  # fmt: skip
+
+    def has_other(self, tried: Collection[Backend]) -> bool:
+        """Whether a pair without any of these backends exists."""
+        prefill, decode = self.selection.pick(tried)
+        return prefill not in tried and decode not in tried
 
     def upstream_headers(self, client: Client, hex_id: str) -> dict[str, str]:
         """Only an allow-list goes upstream. The id is the bare hex: vLLM then names the

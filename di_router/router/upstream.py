@@ -140,6 +140,8 @@ class Leg:
                                     "write": connect, "pool": connect}},
         )  # fmt: skip
         self._task = asyncio.ensure_future(backend.transport.handle_async_request(request))
+        backend.outstanding += 1
+        self._counted = True
         self._response: httpx.Response | None = None
         self._raw: AsyncIterator[bytes] | None = None
         self._decoder: SSEDecoder | None = None
@@ -165,7 +167,12 @@ class Leg:
         try:
             response = await asyncio.shield(self._task)
         except httpx.HTTPError as exc:
-            raise self._fail(self._transport_error(exc)) from None
+            error = self._fail(self._transport_error(exc))
+            if error.never_arrived and self.backend.healthy:
+                # Passive ejection: the next health check that succeeds readmits it.
+                self.backend.healthy = False
+                log.warning("%s server %s is DOWN (%s)", self.role, self.backend.url, exc)
+            raise error from None
         if response.status_code != 200:
             raw = await self._read_capped(response, ERROR_BODY_LIMIT)
             await response.aclose()
@@ -243,6 +250,9 @@ class Leg:
 
     async def aclose(self) -> None:
         """Close the leg: an unfinished request is cut, and the backend sees the disconnect."""
+        if self._counted:
+            self._counted = False
+            self.backend.outstanding -= 1
         if not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, httpx.HTTPError):
