@@ -129,6 +129,29 @@ def _ops_app(service: RouterService) -> Quart:
         }
         return json_response(body, 200 if ready else 503)
 
+    @app.get("/backends")
+    async def backends() -> Response:
+        """Each backend's state, load and pairing, for operators and scripts."""
+        selection = service.selection
+        rows = []
+        for role, pool in (("prefill", service.prefill), ("decode", service.decode)):
+            for i, b in enumerate(pool.backends):
+                peer = None
+                if selection.pairing == "static":
+                    other = service.decode if role == "prefill" else service.prefill
+                    peer = other.backends[i].url
+                rows.append(
+                    {
+                        "role": role,
+                        "url": b.url,
+                        "state": b.state,
+                        "outstanding": b.outstanding,
+                        "stranded_kv": b.stranded,
+                        "paired_with": peer,
+                    }
+                )
+        return json_response({"pairing": selection.pairing, "backends": rows})
+
     @app.get("/version")
     async def version() -> Response:
         return json_response({"version": __version__, "protocol": service.strategy.name})

@@ -59,6 +59,34 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-port", 8100, int, "prefill server port")
     add("--decode-ip", "localhost", str, "decode (KV consumer) server host")
     add("--decode-port", 8200, int, "decode server port")
+    p.add_argument(
+        "--prefill",
+        action="append",
+        metavar="URL",
+        help="a prefill server (repeatable; the i-th pairs with the i-th --decode); "
+        "replaces --prefill-ip/--prefill-port",
+    )
+    p.add_argument(
+        "--decode",
+        action="append",
+        metavar="URL",
+        help="a decode server (repeatable); replaces --decode-ip/--decode-port",
+    )
+    add(
+        "--pairing",
+        _DEFAULTS.pairing,
+        str,
+        "static: the i-th prefill with the i-th decode (Neuron 2.24 pairs them at startup); "
+        "any: each role picked on its own",
+        choices=["static", "any"],
+    )
+    add(
+        "--selection",
+        _DEFAULTS.selection,
+        str,
+        "least_outstanding (power of two choices) or round_robin",
+        choices=["least_outstanding", "round_robin"],
+    )
     add("--host", _DEFAULTS.host, str, "address to listen on (0.0.0.0 for all interfaces)")
     add("--port", _DEFAULTS.port, int, "port to listen on")
     add("--workers", _DEFAULTS.workers, int, "router processes (metrics are summed over them)")
@@ -182,8 +210,10 @@ def _url(host: str, port: int) -> str:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        prefill_urls=[_url(args.prefill_ip, args.prefill_port)],
-        decode_urls=[_url(args.decode_ip, args.decode_port)],
+        prefill_urls=args.prefill or [_url(args.prefill_ip, args.prefill_port)],
+        decode_urls=args.decode or [_url(args.decode_ip, args.decode_port)],
+        pairing=args.pairing,
+        selection=args.selection,
         host=args.host,
         port=args.port,
         workers=args.workers,
@@ -278,7 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args)
     except ValidationError as exc:
         err = exc.errors()[0]
-        parser.error(f"{'.'.join(map(str, err['loc']))}: {err['msg']}")
+        where = ".".join(map(str, err["loc"]))
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parser.error(f"{where}: {message}" if where else message)
     configure_logging(config.log_level, config.log_format)
     return serve(config)
 

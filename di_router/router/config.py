@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class RouterConfig(BaseModel):
@@ -61,3 +61,12 @@ class RouterConfig(BaseModel):
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
+
+    @model_validator(mode="after")
+    def _pairs(self) -> RouterConfig:
+        if self.pairing == "static" and len(self.prefill_urls) != len(self.decode_urls):
+            raise ValueError(
+                f"static pairing needs as many prefill as decode servers (the i-th serves with "
+                f"the i-th); got {len(self.prefill_urls)} and {len(self.decode_urls)}"
+            )
+        return self
