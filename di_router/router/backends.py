@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import ssl
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -123,14 +124,15 @@ def _load(backend: Backend) -> int:
 
 def make_pool(role: str, urls: list[str], config: RouterConfig) -> BackendPool:
     keepalive = config.keepalive_expiry_s
+    tls = ssl.create_default_context(cafile=config.ssl_ca_file) if config.ssl_ca_file else None
     backends = [
         Backend(
             role,
             url.rstrip("/"),
-            transport=AiohttpTransport(config.max_connections, keepalive, None),
+            transport=AiohttpTransport(config.max_connections, keepalive, tls),
             probe=httpx.AsyncClient(
                 base_url=url,
-                transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, None),
+                transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, tls),
                 timeout=config.health_timeout_s,
                 trust_env=False,
             ),

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         float,
         "seconds between backend /health polls",
     )
+    add("--ssl-certfile", None, str, "certificate for an HTTPS listener (with --ssl-keyfile)")
+    add("--ssl-keyfile", None, str, "private key for an HTTPS listener")
+    add("--ssl-ca-file", None, str, "CA bundle to check https:// backends against")
     add("--health-timeout", _DEFAULTS.health_timeout_s, float, "seconds a health check may take")
     add(
         "--log-level",
@@ -203,9 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _url(host: str, port: int) -> str:
+def _url(host: str, port: int, scheme: str = "http") -> str:
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -236,6 +239,9 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         verbose_errors=args.verbose_errors,
         health_interval_s=args.health_interval,
         health_timeout_s=args.health_timeout,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_ca_file=args.ssl_ca_file,
         log_level=args.log_level,
         log_format=args.log_format,
     )
@@ -258,8 +264,9 @@ def raise_descriptor_limit() -> int:
 
 
 def ready_line(config: RouterConfig) -> str:
+    scheme = "https" if config.ssl_certfile else "http"
     return (
-        f"di-router ready on {_url(config.host, config.port)} "
+        f"di-router ready on {_url(config.host, config.port, scheme)} "
         f"(prefill {', '.join(config.prefill_urls)}; decode {', '.join(config.decode_urls)})"
     )
 
@@ -268,8 +275,11 @@ def serve(config: RouterConfig) -> int:
     limit = raise_descriptor_limit()
     log.debug("file descriptor limit: %d", limit)
     # Hypercorn's own grace outlasts the drain, which ends what is left itself.
+    tls = {}
+    if config.ssl_certfile and config.ssl_keyfile:
+        tls = {"certfile": config.ssl_certfile, "keyfile": config.ssl_keyfile}
     bind_config = serving.hypercorn_config(
-        config.host, config.port, graceful_timeout=config.drain_timeout_s + 5
+        config.host, config.port, graceful_timeout=config.drain_timeout_s + 5, **tls
     )
     # The ready line goes to stderr with the logs: stdout carries only JSON access lines.
     if config.workers == 1:

@@ -56,6 +56,13 @@ class RouterConfig(BaseModel):
     verbose_errors: bool = False
     """Put backend URLs and exception details in client-facing messages (development only)."""
 
+    ssl_certfile: str | None = None
+    """With `ssl_keyfile`: the router's own listener speaks HTTPS."""
+    ssl_keyfile: str | None = None
+    ssl_ca_file: str | None = None
+    """CA bundle that `https://` backends' certificates are checked against (default: the
+    system's)."""
+
     health_interval_s: float = Field(default=5.0, gt=0)
     health_timeout_s: float = Field(default=2.0, gt=0)
 
@@ -69,4 +76,6 @@ class RouterConfig(BaseModel):
                 f"static pairing needs as many prefill as decode servers (the i-th serves with "
                 f"the i-th); got {len(self.prefill_urls)} and {len(self.decode_urls)}"
             )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         return self
