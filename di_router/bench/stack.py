@@ -115,12 +115,14 @@ class Stack:
         return self.servers.get("router")
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a live process (VmRSS in /proc/<pid>/status), in bytes."""
+def rss_bytes(pid: int, peak: bool = False) -> int:
+    """Resident set size of a live process (VmRSS in /proc/<pid>/status), in bytes; with
+    `peak`, the most it has had since it started (VmHWM), which no sampling interval misses."""
+    key = "VmHWM:" if peak else "VmRSS:"
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key):
             return int(line.split()[1]) * 1024
-    raise LookupError(f"no VmRSS for pid {pid}")
+    raise LookupError(f"no {key} for pid {pid}")
 
 
 def cpu_seconds(pid: int) -> float:
