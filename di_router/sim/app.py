@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request
 
+from di_router.sim.faults import install_faults
 from di_router.sim.openai_serving import generate
 from di_router.sim.server import SimServer
 from di_router.sim.settings import SimSettings
@@ -100,4 +101,5 @@ def create_app(settings: SimSettings) -> Quart:
     async def chat_completions() -> Response:
         return await generate(server, chat=True)
 
+    install_faults(app, settings.faults)
     return app

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 from di_router.kv_config import KVTransferConfig, parse_kv_transfer_config, visible_cores_from_env
+from di_router.sim.faults import add_fault_arguments, fault_settings
 from di_router.sim.profiles import DEFAULT_PROFILE, PROFILES
 from di_router.sim.settings import SimSettings
 
@@ -102,6 +103,7 @@ def build_parser(prog: str = "python -m di_router.sim.api_server") -> argparse.A
         default=0.0,
         help="chance that a sampled token is EOS (0: never; tests use it for finish_reason=stop)",
     )
+    add_fault_arguments(p)
     return p
 
 
@@ -141,6 +143,7 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
         kv_timeout_s=args.sim_kv_timeout,
         kv_entry_ttl_s=args.sim_kv_entry_ttl,
         eos_probability=args.sim_eos_probability,
+        faults=fault_settings(args),
     )
     return settings, warnings
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from di_router.kv_config import KVTransferConfig
 from di_router.sim.engine import Role
+from di_router.sim.faults import FaultSettings
 from di_router.sim.profiles import PROFILES, TimingProfile
 
 
@@ -23,6 +24,7 @@ class SimSettings:
     kv_timeout_s: float = 30.0
     kv_entry_ttl_s: float = 0.0
     eos_probability: float = 0.0
+    faults: FaultSettings = field(default_factory=FaultSettings)
 
     @property
     def role(self) -> Role:
