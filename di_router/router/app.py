@@ -154,7 +154,7 @@ def _ops_app(service: RouterService) -> Quart:
 
     @app.get("/version")
     async def version() -> Response:
-        return json_response({"version": __version__, "protocol": service.strategy.name})
+        return json_response({"version": __version__, "protocol": service.protocol.name})
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

@@ -86,3 +86,24 @@ def read_request(body: dict[str, Any]) -> RequestView:
         if not param:  # a check across fields: its message says it all
             raise InvalidField("", str(err["msg"]).removeprefix("Value error, ")) from None
         raise InvalidField(param, f"{param}: {err['msg']}") from None
+
+
+def di_unsupported(view: RequestView, chat: bool) -> tuple[str, str] | None:
+    """(field, reason) for what no disaggregated server pair can answer exactly, else None."""
+    if view.n not in (None, 1):
+        return "n", "n > 1 is not supported with disaggregated inference"
+    if view.best_of not in (None, 1):
+        return "best_of", "best_of > 1 is not supported with disaggregated inference"
+    if view.use_beam_search:
+        return "use_beam_search", "beam search is not supported with disaggregated inference"
+    if view.prompt_logprobs:
+        return "prompt_logprobs", (
+            "prompt_logprobs cannot be computed: the decode server skips the prompt's forward "
+            "pass when it receives the KV cache"
+        )
+    if not chat and view.echo and view.logprobs is not None:
+        return "logprobs", (
+            "echo with logprobs needs prompt logprobs, which the decode server cannot compute "
+            "with disaggregated inference"
+        )
+    return None

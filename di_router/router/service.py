@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import orjson
 
@@ -15,12 +15,13 @@ from di_router.router.admission import Admission, Overloaded
 from di_router.router.backends import Backend, Selection, make_pool
 from di_router.router.client import Client, Receive, Scope, Send
 from di_router.router.config import RouterConfig
+from di_router.router.exchange import DIProtocol
 from di_router.router.health import HealthMonitor
 from di_router.router.lifecycle import SHUTDOWN, Completion
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
+from di_router.router.neuron import NeuronFirstToken
 from di_router.router.recorder import Recorder
 from di_router.router.settle import Settler
-from di_router.router.strategy import NeuronFirstToken
 from di_router.router.trace import RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
 from di_router.wire.errors import error_body
@@ -39,7 +40,7 @@ class RouterService:
         self.selection = Selection(
             self.prefill, self.decode, config.pairing, config.selection, seed=os.getpid()
         )
-        self.strategy = NeuronFirstToken()
+        self.protocol: DIProtocol = NeuronFirstToken()
         self.access = AccessControl(config.api_keys, config.backend_api_key)
         self.recorder = Recorder(self.metrics, self.model_label, config.log_format == "json")
         self.settler = Settler(self.metrics, config.settle_timeout_s)
@@ -87,28 +88,26 @@ class RouterService:
             status, orjson.dumps(error_body(status, message)), [(b"retry-after", b"1")]
         )
 
-    def open_legs(
-        self,
-        path: str,
-        prefill_content: bytes,
-        decode_content: bytes,
-        headers: dict[str, str],
-        stream: bool,
-        exclude: Collection[Backend] = (),
-    ) -> tuple[Leg, Leg]:
-        """Both legs of one request, on a pair the selection picks; they start at once.
-
-        A leg's socket may stay silent for its role's bound; a non-streamed decode sends
-        nothing before its whole answer, so its socket waits as long as settling may (the
-        client's own deadline is enforced by the lifecycle)."""
+    def leg_opener(
+        self, client: Client, hex_id: str, path: str, stream: bool
+    ) -> Callable[[Backend, bytes], Leg]:
+        """Starts one request's legs. A leg's socket may stay silent for its role's bound; a
+        non-streamed decode sends nothing before its whole answer, so its socket waits as long
+        as settling may (the client's own deadline is enforced by the exchange)."""
         config = self.config
-        prefill, decode = self.selection.pick(exclude)
-        decode_silence = config.decode_timeout_s if stream else config.settle_timeout_s
-        return (
-            Leg(prefill, path, prefill_content, headers, config.prefill_timeout_s,
-                config.max_event_bytes),
-            Leg(decode, path, decode_content, headers, decode_silence, config.max_event_bytes),
-        )  # fmt: skip
+        headers = self.upstream_headers(client, hex_id)
+        silence = {
+            "prefill": config.prefill_timeout_s,
+            "decode": config.decode_timeout_s if stream else config.settle_timeout_s,
+        }
+
+        def open_leg(backend: Backend, content: bytes) -> Leg:
+            return Leg(
+                backend, path, content, headers,
+                silence[backend.role], config.max_event_bytes,
+            )  # fmt: skip
+
+        return open_leg
 
     def has_other(self, tried: Collection[Backend]) -> bool:
         """Whether a pair without any of these backends exists."""

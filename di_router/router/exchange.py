@@ -1,0 +1,103 @@
+"""The DI protocol seam: how one client request becomes upstream legs, in which order, how their
+answers merge into the client's, and what must happen to them when the request ends badly.
+
+The request lifecycle (`lifecycle.py`) knows nothing of prefill or decode: it validates, asks
+the service for backends, has the protocol build an `Exchange`, writes what the exchange yields
+and hands it to the settler at the end. Each protocol lives in its own module (`neuron.py`,
+`nixl.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from di_router.router.backends import Backend
+from di_router.router.request_view import RequestView
+from di_router.router.trace import RequestTrace
+from di_router.router.upstream import Leg, UpstreamError
+
+if TYPE_CHECKING:
+    from di_router.router.settle import Settler
+
+
+@dataclass(frozen=True)
+class ExchangeSpec:
+    """Everything an exchange is built from; `open_leg` starts a request on a backend."""
+
+    path: str
+    raw: bytes
+    """The client's body, as it came."""
+    prefill_content: bytes
+    stream: bool
+    chat: bool
+    choices: int
+    """Choices in the answer: one per prompt of a completions prompt list."""
+    client_id: str
+    created: int
+    trace: RequestTrace
+    prefill: Backend
+    decode: Backend
+    open_leg: Callable[[Backend, bytes], Leg]
+    prefill_timeout: float
+    decode_timeout: float
+    max_response_bytes: int
+
+
+class Exchange(ABC):
+    """One request's legs under one protocol."""
+
+    legs: tuple[Leg, ...]
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Up to the first token; nothing has reached the client yet, so an `UpstreamError`
+        here is answered with its own status (and a refused connection may be retried)."""
+
+    @abstractmethod
+    def events(self) -> AsyncIterator[bytes]:
+        """A streamed answer: the client's SSE bytes from the first token on, without
+        `[DONE]`; an `UpstreamError` ends it."""
+
+    @abstractmethod
+    async def answer(self) -> dict[str, Any]:
+        """A non-streamed answer: the client's JSON body."""
+
+    @property
+    @abstractmethod
+    def clean(self) -> bool:
+        """Every leg ended as it should: nothing is held on any server."""
+
+    def failed_backend(self, error: UpstreamError) -> Backend:
+        return next(leg.backend for leg in self.legs if leg.role == error.role)
+
+    def detach(self, scratch: RequestTrace) -> None:  # noqa: B027 (optional hook)
+        """The request moved on to another exchange: what this one still reads counts nowhere."""
+
+    async def tail(self, timeout: float) -> None:  # noqa: B027 (optional hook)
+        """Wait (bounded) for what the record still needs after the answer (a usage chunk)."""
+
+    async def finish(self) -> None:
+        """A clean end: return every connection."""
+        await asyncio.gather(*(leg.aclose() for leg in self.legs))
+
+    async def settle(self, settler: Settler) -> None:
+        """Any other end: leave no slot held on any server (bounded by the settler)."""
+        await self.finish()
+
+
+class DIProtocol(Protocol):
+    name: str
+    pairing: str
+    """The pairing its servers allow: "static" (i-th with i-th) or "any"."""
+
+    def unsupported(self, view: RequestView, chat: bool) -> tuple[str, str] | None:
+        """(field, reason) for a request this protocol cannot answer exactly, else None."""
+
+    def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
+        """The body the prefill leg sends."""
+
+    def exchange(self, spec: ExchangeSpec) -> Exchange: ...
