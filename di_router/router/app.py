@@ -137,7 +137,7 @@ def _ops_app(service: RouterService) -> Quart:
         for role, pool in (("prefill", service.prefill), ("decode", service.decode)):
             for i, b in enumerate(pool.backends):
                 peer = None
-                if selection.pairing == "static":
+                if selection.pairing == "static":  # by position
                     other = service.decode if role == "prefill" else service.prefill
                     peer = other.backends[i].url
                 rows.append(

@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neuron-proxy-server",
         description="Disaggregated-inference router: one OpenAI-compatible endpoint in front of "
         "a prefill and a decode vLLM server. Each flag can also be set as DI_ROUTER_<FLAG>.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
     def add(
@@ -73,11 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a decode server (repeatable); replaces --decode-ip/--decode-port",
     )
     add(
+        "--kv-protocol",
+        _DEFAULTS.kv_protocol,
+        str,
+        "neuron: Neuron's vLLM fork (both legs at once); nixl: vLLM V1 NixlConnector "
+        "(prefill first, kv_transfer_params to decode)",
+        choices=["neuron", "nixl"],
+    )
+    add(
         "--pairing",
-        _DEFAULTS.pairing,
+        None,
         str,
         "static: the i-th prefill with the i-th decode (Neuron 2.24 pairs them at startup); "
-        "any: each role picked on its own",
+        "any: each role picked on its own (default: static for neuron, any for nixl)",
         choices=["static", "any"],
     )
     add(
@@ -215,6 +224,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         prefill_urls=args.prefill or [_url(args.prefill_ip, args.prefill_port)],
         decode_urls=args.decode or [_url(args.decode_ip, args.decode_port)],
+        kv_protocol=args.kv_protocol,
         pairing=args.pairing,
         selection=args.selection,
         host=args.host,

@@ -13,9 +13,12 @@ class RouterConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
-    pairing: Literal["static", "any"] = "static"
+    kv_protocol: Literal["neuron", "nixl"] = "neuron"
+    """neuron: Neuron's vLLM fork (both legs at once, decode repeats the first token);
+    nixl: vLLM V1 with NixlConnector (prefill first, `kv_transfer_params` to decode)."""
+    pairing: Literal["static", "any"] | None = None
     """static: the i-th prefill serves with the i-th decode (Neuron 2.24); any: each role is
-    picked on its own (vLLM V1 NIXL, Neuron 2.26 discovery)."""
+    picked on its own (vLLM V1 NIXL, Neuron 2.26 discovery). Default: the protocol's."""
     selection: Literal["least_outstanding", "round_robin"] = "least_outstanding"
 
     connect_timeout_s: float = Field(default=5.0, gt=0)
@@ -71,7 +74,7 @@ class RouterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pairs(self) -> RouterConfig:
-        if self.pairing == "static" and len(self.prefill_urls) != len(self.decode_urls):
+        if self.effective_pairing == "static" and len(self.prefill_urls) != len(self.decode_urls):
             raise ValueError(
                 f"static pairing needs as many prefill as decode servers (the i-th serves with "
                 f"the i-th); got {len(self.prefill_urls)} and {len(self.decode_urls)}"
@@ -79,3 +82,9 @@ class RouterConfig(BaseModel):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("--ssl-certfile and --ssl-keyfile go together")
         return self
+
+    @property
+    def effective_pairing(self) -> str:
+        if self.pairing is not None:
+            return self.pairing
+        return "any" if self.kv_protocol == "nixl" else "static"

@@ -83,7 +83,7 @@ class StreamMerger:
 
     @property
     def has_first_tokens(self) -> bool:
-        """Prefill's token of every choice (one per prompt) is in."""
+        """The first token of every choice (one per prompt) is in."""
         return len(self._first_tokens) >= self._choices
 
     def decode(self, data: bytes) -> bytes:
@@ -115,6 +115,22 @@ class StreamMerger:
             return b""
         chunk["choices"] = kept
         return self._rewritten(chunk, tokens)
+
+    def relay(self, data: bytes) -> bytes:
+        """A decode that produces every token itself (vLLM V1 NIXL): its events pass as they
+        are (re-serialised only if id or `created` differ)."""
+        chunk = parse_chunk("decode", data)
+        choices = chunk["choices"]
+        if self._verbatim is None:
+            self._verbatim = chunk.get("id") == self._id and chunk.get("created") == self._created
+        if not choices:
+            self._note_usage(chunk)
+        tokens = 0
+        for choice in choices:
+            if not self._is_role_chunk(choice):
+                self._first_tokens.add(choice.get("index", 0))
+                tokens += 1
+        return self._event(data, chunk, tokens)
 
     def _event(self, data: bytes, chunk: dict[str, Any], tokens: int) -> bytes:
         if not self._verbatim:

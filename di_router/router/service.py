@@ -20,6 +20,7 @@ from di_router.router.health import HealthMonitor
 from di_router.router.lifecycle import SHUTDOWN, Completion
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
 from di_router.router.neuron import NeuronFirstToken
+from di_router.router.nixl import NixlProtocol
 from di_router.router.recorder import Recorder
 from di_router.router.settle import Settler
 from di_router.router.trace import RequestTrace
@@ -37,10 +38,12 @@ class RouterService:
         self.metrics = RouterMetrics()
         self.prefill = make_pool("prefill", config.prefill_urls, config)
         self.decode = make_pool("decode", config.decode_urls, config)
-        self.selection = Selection(
-            self.prefill, self.decode, config.pairing, config.selection, seed=os.getpid()
+        self.protocol: DIProtocol = (
+            NixlProtocol() if config.kv_protocol == "nixl" else (NeuronFirstToken())
         )
-        self.protocol: DIProtocol = NeuronFirstToken()
+        self.selection = Selection(
+            self.prefill, self.decode, config.effective_pairing, config.selection, os.getpid()
+        )
         self.access = AccessControl(config.api_keys, config.backend_api_key)
         self.recorder = Recorder(self.metrics, self.model_label, config.log_format == "json")
         self.settler = Settler(self.metrics, config.settle_timeout_s)
