@@ -19,9 +19,17 @@ _TYPES = {
 }
 
 
+def _type_of(status: int) -> str:
+    """`NotImplementedError` for 501; statuses outside the standard (a CDN's 520) are `APIError`."""
+    try:
+        return HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    except ValueError:
+        return "APIError"
+
+
 def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
     """The body vLLM 0.7.2 sends for an error, e.g. `{"object":"error",...,"code":400}`."""
-    err_type = _TYPES.get(status) or HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    err_type = _TYPES.get(status) or _type_of(status)
     return {"object": "error", "message": message, "type": err_type, "param": param, "code": status}
 
 
