@@ -276,6 +276,9 @@ class FaultInjector:
         elif kind is FaultKind.STATUS:
             self.count(kind)
             await self._answer_status(receive, send)
+        elif kind is FaultKind.STALL_HEADERS:
+            self.count(kind)
+            await self._stall_then_serve(scope, receive, send)
         else:
             await self.app(scope, *_FaultedResponse(self, kind, receive, send).callables)
 
@@ -293,6 +296,34 @@ class FaultInjector:
         if not self._kinds or self._rng.random() >= self.settings.rate:
             return None
         return self._kinds[self._rng.randrange(len(self._kinds))]
+
+    async def _stall_then_serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Hold the request before the app sees it, like a server too busy to read it.
+
+        The client gets no headers meanwhile; if it leaves, the app never runs, so nothing
+        reaches the engine and nothing is left waiting (a stall forever ends here too).
+        """
+        assert self.settings.stall_headers_s is not None
+        early: list[Message] = []
+
+        async def until_gone() -> None:
+            while (message := await receive())["type"] != "http.disconnect":
+                early.append(message)
+
+        gone = asyncio.ensure_future(until_gone())
+        stall = asyncio.ensure_future(_stall(self.settings.stall_headers_s))
+        try:
+            await asyncio.wait((gone, stall), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stall.cancel()
+            gone.cancel()
+        if gone.done() and not gone.cancelled():
+            return
+
+        async def replay() -> Message:
+            return early.pop(0) if early else await receive()
+
+        await self.app(scope, replay, send)
 
     async def _answer_status(self, receive: Receive, send: Send) -> None:
         """The status answer, after reading the body as a server would; the app never runs."""
@@ -379,11 +410,7 @@ class _FaultedResponse:
             name.lower() == b"content-type" and value.startswith(b"text/event-stream")
             for name, value in headers
         )
-        if self._kind is FaultKind.STALL_HEADERS:
-            assert self._settings.stall_headers_s is not None
-            self.count()
-            await _stall(self._settings.stall_headers_s)
-        elif self._kind in (FaultKind.MALFORMED, FaultKind.OVERSIZED):
+        if self._kind in (FaultKind.MALFORMED, FaultKind.OVERSIZED):
             # The body changes size: drop its length, HTTP/1.1 then sends it chunked.
             kept = [(n, v) for n, v in headers if n.lower() != b"content-length"]
             message = {**message, "headers": kept}
