@@ -112,7 +112,10 @@ class NeuronExchange(Exchange):
         # The first token goes out as soon as prefill has it, whatever decode is doing.
         yield self.first.result()
         while (batch := await self.decode.next_events()) is not None:
-            if events := b"".join([merger.decode(data) for data in batch]):
+            if len(batch) == 1:  # one event per read is the common case
+                if events := merger.decode(batch[0]):
+                    yield events
+            elif events := b"".join([merger.decode(data) for data in batch]):
                 yield events
 
     async def answer(self) -> dict[str, Any]:

@@ -41,8 +41,13 @@ def parse_chunk(role: str, data: bytes) -> dict[str, Any]:
         body = error if isinstance(error, dict) else error_body(status, str(error))
         raise UpstreamError(role, status, "stream_error", body)
     choices = chunk.get("choices")
-    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+    if not isinstance(choices, list):
         raise UpstreamError.make(role, 502, "bad_response", f"{role} server sent a malformed event")
+    for choice in choices:
+        if not isinstance(choice, dict):
+            raise UpstreamError.make(
+                role, 502, "bad_response", f"{role} server sent a malformed event"
+            )
     return chunk
 
 
@@ -94,9 +99,7 @@ class StreamMerger:
         if not choices:  # the usage chunk the client asked for: decode's numbers are the truth
             self._note_usage(chunk)
             return self._event(data, chunk, 0)
-        if self._repeated.issuperset(c.get("index", 0) for c in choices) and not any(
-            self._is_role_chunk(c) for c in choices
-        ):
+        if self._all_repeated(choices):
             return self._event(data, chunk, len(choices))  # the common case: tokens, as sent
         kept: list[dict[str, Any]] = []
         tokens = 0
@@ -131,6 +134,13 @@ class StreamMerger:
                 self._first_tokens.add(choice.get("index", 0))
                 tokens += 1
         return self._event(data, chunk, tokens)
+
+    def _all_repeated(self, choices: list[dict[str, Any]]) -> bool:
+        """Every choice is a token past its index's repeated first one (and no role chunk)."""
+        for choice in choices:
+            if choice.get("index", 0) not in self._repeated or self._is_role_chunk(choice):
+                return False
+        return True
 
     def _event(self, data: bytes, chunk: dict[str, Any], tokens: int) -> bytes:
         if not self._verbatim:

@@ -49,8 +49,11 @@ class _Body(httpx.AsyncByteStream):
         return self
 
     async def __anext__(self) -> bytes:
-        with _mapped_errors():
+        try:  # per event on the hot path: a bare try costs nothing when nothing is raised
             chunk = await self._response.content.readany()
+        except Exception:
+            with _mapped_errors():
+                raise
         if not chunk:
             raise StopAsyncIteration
         return chunk
