@@ -141,8 +141,8 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
         "--sim-fault-status",
         type=int,
         metavar="CODE",
-        help="answer CODE without running the request (an OpenAI error body; 204 and 304 with "
-        "no body; 3xx empty, with --sim-fault-location if given)",
+        help="answer CODE without running the request: an OpenAI error body (204 and 304: no "
+        "body; 3xx: empty, with --sim-fault-location if given)",
     )
     g.add_argument("--sim-fault-location", metavar="URL", help="Location of a 3xx status fault")
     g.add_argument(
@@ -280,7 +280,8 @@ class FaultInjector:
             self.count(kind)
             await self._stall_then_serve(scope, receive, send)
         else:
-            await self.app(scope, *_FaultedResponse(self, kind, receive, send).callables)
+            faulted = _FaultedResponse(self, kind, receive, send)
+            await self.app(scope, faulted.receive, faulted.send)
 
     def count(self, kind: FaultKind) -> None:
         self.injected[kind] += 1
@@ -345,12 +346,8 @@ def _status_response(status: int, location: str | None) -> tuple[list[tuple[byte
     if status // 100 == 3:
         headers = [(b"content-length", b"0")]
         return headers + ([(b"location", location.encode())] if location else []), b""
-    try:
-        body = orjson.dumps(error_body(status, f"Fault injected by the simulator: HTTP {status}"))
-        content_type = b"application/json"
-    except ValueError:  # a status with no standard phrase (520): a proxy's plain-text page
-        body, content_type = f"error code: {status}".encode(), b"text/plain; charset=utf-8"
-    return [(b"content-type", content_type), (b"content-length", str(len(body)).encode())], body
+    body = orjson.dumps(error_body(status, f"Fault injected by the simulator: HTTP {status}"))
+    return [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))], body
 
 
 class _FaultedResponse:
@@ -375,11 +372,8 @@ class _FaultedResponse:
         self._sse = False
         self._pending = bytearray()
         self._events_sent = 0
-        self._bytes_sent = 0
-
-    @property
-    def callables(self) -> tuple[Receive, Send]:
-        return self.receive, self.send
+        self._trickling = False
+        """A piece was sent: the next waits the trickle delay first."""
 
     async def receive(self) -> Message:
         if self._cut.is_set():
@@ -476,12 +470,15 @@ class _FaultedResponse:
         return prefix + payload.ljust(size) + suffix
 
     async def _write(self, data: bytes) -> None:
-        step = self._settings.trickle_bytes if self._kind is FaultKind.TRICKLE else None
-        for start in range(0, len(data), step or len(data) or 1):
-            if step is not None and self._bytes_sent:
+        step = self._settings.trickle_bytes
+        if self._kind is not FaultKind.TRICKLE or step is None:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            return
+        for start in range(0, len(data), step):
+            if self._trickling:
                 await asyncio.sleep(self._settings.trickle_delay_s)
-            piece = data[start : start + step] if step else data
-            self._bytes_sent += len(piece)
+            self._trickling = True
+            piece = data[start : start + step]
             await self._send({"type": "http.response.body", "body": piece, "more_body": True})
 
     def count(self) -> None:
