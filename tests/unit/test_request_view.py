@@ -127,7 +127,7 @@ def test_supported_fields_pass(body: dict[str, Any], chat: bool) -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="request_view.py:96: `if view.prompt_logprobs:` lets prompt_logprobs=0 through, but "
+    reason="request_view.py:99: `if view.prompt_logprobs:` lets prompt_logprobs=0 through, but "
     "vLLM computes prompt logprobs whenever the field is not None (0 means the prompt "
     "token's own logprob), which the decode server cannot do",
 )
