@@ -104,8 +104,8 @@ class FaultSettings:
             FaultKind.STATUS: f"status {self.status}"
             + (f" to {self.location}" if self.location else ""),
             FaultKind.DROP: f"drop the connection {after}",
-            FaultKind.STALL_HEADERS: f"stall {self.stall_headers_s}s before the headers",
-            FaultKind.STALL: f"stall {self.stall_s}s {after}",
+            FaultKind.STALL_HEADERS: f"stall {_seconds(self.stall_headers_s)} before the headers",
+            FaultKind.STALL: f"stall {_seconds(self.stall_s)} {after}",
             FaultKind.TRICKLE: f"trickle {self.trickle_bytes} bytes every "
             f"{self.trickle_delay_s:g}s",
             FaultKind.MALFORMED: f"malformed {self.malformed} {after}",
@@ -128,14 +128,22 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
         "probability --sim-fault-rate, with one of the enabled faults picked at random; the "
         "draws are seeded. 'Events' are SSE events; a non-streamed answer is one event.",
     )
-    g.add_argument("--sim-fault-rate", type=float, default=1.0, help="fraction of requests faulted")
-    g.add_argument("--sim-fault-seed", type=int, default=0, help="seed of the fault draws")
+    g.add_argument(
+        "--sim-fault-rate",
+        type=float,
+        default=1.0,
+        metavar="R",
+        help="fraction of requests faulted (default 1)",
+    )
+    g.add_argument(
+        "--sim-fault-seed", type=int, default=0, metavar="N", help="seed of the draws (default 0)"
+    )
     g.add_argument(
         "--sim-fault-after",
         type=int,
         default=1,
         metavar="N",
-        help="events sent intact before drop, stall, malformed, oversized or crash acts",
+        help="events sent intact before drop, stall, malformed, oversized or crash acts (default 1)",
     )
     g.add_argument(
         "--sim-fault-status",
@@ -168,7 +176,7 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.05,
         metavar="SECONDS",
-        help="pause between trickled pieces",
+        help="pause between trickled pieces (default 0.05)",
     )
     g.add_argument(
         "--sim-fault-malformed",
@@ -483,6 +491,10 @@ class _FaultedResponse:
 
     def count(self) -> None:
         self._injector.count(self._kind)
+
+
+def _seconds(value: float | None) -> str:
+    return "forever" if value == math.inf else f"{value:g}s"
 
 
 async def _stall(seconds: float) -> None:
