@@ -99,26 +99,33 @@ class FaultSettings:
 
     def describe(self) -> str:
         """One line for the startup log, e.g. `status 503 at rate 0.1 (seed 0)`."""
-        after = f"after {self.after} events"
-        what = {
-            FaultKind.STATUS: f"status {self.status}"
-            + (f" to {self.location}" if self.location else ""),
-            FaultKind.DROP: f"drop the connection {after}",
-            FaultKind.STALL_HEADERS: f"stall {_seconds(self.stall_headers_s)} before the headers",
-            FaultKind.STALL: f"stall {_seconds(self.stall_s)} {after}",
-            FaultKind.TRICKLE: f"trickle {self.trickle_bytes} bytes every "
-            f"{self.trickle_delay_s:g}s",
-            FaultKind.MALFORMED: f"malformed {self.malformed} {after}",
-            FaultKind.OVERSIZED: f"{self.oversized_bytes}-byte event {after}",
-            FaultKind.CRASH: f"crash the process {after}",
-        }
         parts = []
         if self.kinds:
-            chosen = ", ".join(what[kind] for kind in self.kinds)
+            chosen = ", ".join(self._what(kind) for kind in self.kinds)
             parts.append(f"{chosen} at rate {self.rate:g} (seed {self.seed})")
         if self.crash_after_requests is not None:
             parts.append(f"crash the process after {self.crash_after_requests} requests")
         return "; ".join(parts)
+
+    def _what(self, kind: FaultKind) -> str:
+        after = f"after {self.after} events"
+        match kind:
+            case FaultKind.STATUS:
+                return f"status {self.status}" + (f" to {self.location}" if self.location else "")
+            case FaultKind.DROP:
+                return f"drop the connection {after}"
+            case FaultKind.STALL_HEADERS:
+                return f"stall {_seconds(self.stall_headers_s)} before the headers"
+            case FaultKind.STALL:
+                return f"stall {_seconds(self.stall_s)} {after}"
+            case FaultKind.TRICKLE:
+                return f"trickle {self.trickle_bytes} bytes every {self.trickle_delay_s:g}s"
+            case FaultKind.MALFORMED:
+                return f"malformed {self.malformed} {after}"
+            case FaultKind.OVERSIZED:
+                return f"{self.oversized_bytes}-byte event {after}"
+            case FaultKind.CRASH:
+                return f"crash the process {after}"
 
 
 def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,7 +150,7 @@ def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="N",
-        help="events sent intact before drop, stall, malformed, oversized or crash acts (default 1)",
+        help="events sent intact before drop, stall, malformed, oversized or crash act (default 1)",
     )
     g.add_argument(
         "--sim-fault-status",
@@ -494,7 +501,7 @@ class _FaultedResponse:
 
 
 def _seconds(value: float | None) -> str:
-    return "forever" if value == math.inf else f"{value:g}s"
+    return "forever" if value == math.inf else f"{value}s"
 
 
 async def _stall(seconds: float) -> None:
