@@ -5,8 +5,9 @@ benchmark needs a tokenizer too. Both compute their metrics from the arrival tim
 so one trace per request (send time, status, arrival time of every content-bearing event, usage)
 is enough to reproduce either tool's numbers; `summarize` does that.
 
-Load model (llmperf): `concurrency` workers, each sends its next request as soon as its previous
-one finished, until `len(requests)` have been sent; no arrival-rate control.
+Load models: closed loop (llmperf): `concurrency` workers, each sends its next request as soon as
+its previous one finished, until `len(requests)` have been sent. Open loop (vLLM bench's
+`--request-rate`): Poisson arrivals at a given rate, at most `concurrency` in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -41,6 +43,8 @@ class RequestSpec:
 
     prompt: str
     max_tokens: int
+    input_tokens: int | None = None
+    """The client's count of the prompt (llmperf's `number_input_tokens`), when it made one."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class LoadConfig:
     """Where and how to send: everything but the per-request prompt and length."""
 
     base_url: str
+    """One server, or several separated by `;` that requests take in turn (Neuron's llmperf
+    `llmperf_dp.patch`); each without the `/v1` suffix."""
     model: str = "llama-3.3-70b"
     endpoint: Endpoint = "chat"
     concurrency: int = 1
@@ -60,6 +66,20 @@ class LoadConfig:
     timeout_s: float = 180.0
     """Read timeout per request; llmperf uses 180 s, so a longer stall is an error there too."""
     api_key: str = "EMPTY"
+    request_rate: float | None = None
+    """Requests per second with Poisson arrivals (open loop); None: closed loop."""
+    arrival_seed: int = 0
+    stop_after_s: float | None = None
+    """No request is sent after this many seconds of run (llmperf's `--timeout`)."""
+
+    @property
+    def urls(self) -> list[str]:
+        return [url for url in self.base_url.split(";") if url]
+
+    def url_for(self, index: int) -> str:
+        """Round robin by request index, so consecutive requests alternate between servers."""
+        urls = self.urls
+        return urls[index % len(urls)]
 
 
 @dataclass
@@ -68,6 +88,7 @@ class RequestResult:
 
     index: int
     send_time: float
+    url: str = ""
     status: int | None = None
     token_times: list[float] = field(default_factory=list)
     """Arrival time of every SSE event that carried non-empty content (text)."""
@@ -76,6 +97,8 @@ class RequestResult:
     usage_tokens: int | None = None
     prompt_tokens: int | None = None
     error: str | None = None
+    error_code: int | None = None
+    """HTTP status, an in-stream error's `code`, or -1 for a transport error (as llmperf)."""
 
     @property
     def ok(self) -> bool:
@@ -107,6 +130,14 @@ class RequestResult:
         return (self.token_times[-1] - self.token_times[0]) / (self.output_tokens - 1)
 
     @property
+    def llmperf_itl(self) -> float | None:
+        """Upstream llmperf: (TTFT + sum of gaps) / output tokens, i.e. E2E to the last token
+        spread over every token, the first one's wait included."""
+        if not self.token_times or self.output_tokens < 1:
+            return None
+        return (self.token_times[-1] - self.send_time) / self.output_tokens
+
+    @property
     def neuron_itl(self) -> float | None:
         """llmperf + Neuron's neuron_perf.patch: sum of gaps (TTFT excluded) / (tokens - 1).
 
@@ -121,7 +152,9 @@ class RequestResult:
 
 @dataclass(frozen=True)
 class Stats:
-    """Mean and linear-interpolation percentiles (numpy's and pandas' default) of a sample."""
+    """Mean, linear-interpolation percentiles (numpy's and pandas' default) and standard
+    deviations (pandas' sample one, which llmperf reports, and numpy's population one, which
+    vLLM bench reports) of a sample."""
 
     count: int
     mean: float
@@ -130,6 +163,11 @@ class Stats:
     p99: float
     min: float
     max: float
+    p25: float = math.nan
+    p75: float = math.nan
+    p95: float = math.nan
+    stdev: float = math.nan
+    pstdev: float = math.nan
 
     @classmethod
     def of(cls, values: Iterable[float]) -> Stats:
@@ -145,6 +183,11 @@ class Stats:
             p99=percentile(data, 99),
             min=data[0],
             max=data[-1],
+            p25=percentile(data, 25),
+            p75=percentile(data, 75),
+            p95=percentile(data, 95),
+            stdev=statistics.stdev(data) if len(data) > 1 else math.nan,
+            pstdev=statistics.pstdev(data),
         )
 
 
@@ -172,12 +215,16 @@ class Summary:
     """Pooled gaps between content events over all requests (vLLM bench)."""
     itl_neuron_s: Stats
     """Per-request mean gap, TTFT excluded (llmperf with Neuron's patch)."""
+    itl_llmperf_s: Stats
+    """Per-request (TTFT + gaps) / tokens (upstream llmperf)."""
     tpot_s: Stats
     e2e_s: Stats
     output_throughput_tok_s: float
     requests_per_minute: float
     """llmperf's "Completed Requests Per Minute", the DI tutorial's headline number."""
     error_messages: list[str] = field(default_factory=list)
+    error_codes: dict[int, int] = field(default_factory=dict)
+    """How many failed requests had each code (llmperf's "Error Code Frequency")."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,12 +245,23 @@ def summarize(results: Sequence[RequestResult], duration: float) -> Summary:
         ttft_s=Stats.of(r.ttft for r in good if r.ttft is not None),
         itl_s=Stats.of(gap for r in good for gap in r.gaps),
         itl_neuron_s=Stats.of(r.neuron_itl for r in good if r.neuron_itl is not None),
+        itl_llmperf_s=Stats.of(r.llmperf_itl for r in good if r.llmperf_itl is not None),
         tpot_s=Stats.of(r.tpot for r in good if r.tpot is not None),
         e2e_s=Stats.of(r.e2e for r in good if r.e2e is not None),
         output_throughput_tok_s=tokens * per_s,
         requests_per_minute=len(good) * per_s * 60.0,
         error_messages=sorted({r.error or f"HTTP {r.status}" for r in bad})[:10],
+        error_codes=dict(sorted(Counter(failure_code(r) for r in bad).items())),
     )
+
+
+def failure_code(result: RequestResult) -> int:
+    """A failure's code: its own, else the HTTP status, else -1 (e.g. 200 but no token)."""
+    if result.error_code is not None:
+        return result.error_code
+    if result.status is not None and result.status != 200:
+        return result.status
+    return -1
 
 
 def make_prompt(tokens: int, index: int = 0) -> str:
@@ -217,6 +275,14 @@ def make_prompt(tokens: int, index: int = 0) -> str:
     return " ".join(_WORDS[(start + i) % len(_WORDS)] for i in range(words))
 
 
+def sample_positive_int(rng: random.Random, mean: float, stddev: float) -> int:
+    """llmperf's draw: int(N(mean, stddev)), redrawn until positive."""
+    value = 0
+    while value < 1:
+        value = int(rng.gauss(mean, stddev)) if stddev else int(mean)
+    return value
+
+
 def make_requests(
     count: int,
     input_tokens: int,
@@ -224,15 +290,12 @@ def make_requests(
     output_sd: float = 0.0,
     seed: int = 0,
 ) -> list[RequestSpec]:
-    """llmperf's sampling: max_tokens ~ round(N(mean, sd)), redrawn until positive."""
+    """Word prompts of an exact size; max_tokens drawn as llmperf draws it."""
     rng = random.Random(seed)
-    specs = []
-    for i in range(count):
-        max_tokens = 0
-        while max_tokens < 1:
-            max_tokens = round(rng.gauss(output_mean, output_sd)) if output_sd else output_mean
-        specs.append(RequestSpec(make_prompt(input_tokens, i), max_tokens))
-    return specs
+    return [
+        RequestSpec(make_prompt(input_tokens, i), sample_positive_int(rng, output_mean, output_sd))
+        for i in range(count)
+    ]
 
 
 def request_body(config: LoadConfig, spec: RequestSpec) -> dict[str, Any]:
@@ -266,15 +329,17 @@ async def send_request(
     """Send one streaming request and record its trace; never raises for HTTP/stream errors."""
     body = orjson.dumps(request_body(config, spec))
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {config.api_key}"}
-    result = RequestResult(index=index, send_time=time.perf_counter())
+    url = config.url_for(index)
+    result = RequestResult(index=index, send_time=time.perf_counter(), url=url)
     try:
         async with client.stream(
-            "POST", config.base_url + PATHS[config.endpoint], content=body, headers=headers
+            "POST", url + PATHS[config.endpoint], content=body, headers=headers
         ) as response:
             result.status = response.status_code
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 result.error = f"HTTP {response.status_code}: {text[:200]}"
+                result.error_code = response.status_code
                 return result
             async for line in response.aiter_lines():
                 now = time.perf_counter()
@@ -287,7 +352,9 @@ async def send_request(
                 if "error" in event:
                     error = event["error"]
                     message = error.get("message") if isinstance(error, dict) else error
+                    code = error.get("code") if isinstance(error, dict) else None
                     result.error = f"in-stream error: {message}"
+                    result.error_code = code if isinstance(code, int) else -1
                     continue
                 usage = event.get("usage")
                 if usage:
@@ -298,6 +365,7 @@ async def send_request(
                     result.token_times.append(now)
     except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
         result.error = f"{type(exc).__name__}: {exc}"
+        result.error_code = -1
     finally:
         result.end_time = time.perf_counter()
     return result
@@ -329,29 +397,77 @@ async def run_load(
     config: LoadConfig,
     specs: Sequence[RequestSpec],
     client: httpx.AsyncClient | None = None,
+    on_result: Callable[[RequestResult], None] | None = None,
 ) -> LoadRun:
-    """Closed loop: `config.concurrency` workers drain `specs` in order, one request at a time."""
+    """Send `specs` in order, closed or open loop (see the module docstring); `on_result` sees
+    each request as it finishes (a progress bar). Requests never sent (`stop_after_s`) are not
+    in the run."""
     if config.concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if config.request_rate is not None and config.request_rate <= 0:
+        raise ValueError("request rate must be positive")
     results: list[RequestResult | None] = [None] * len(specs)
-    next_index = iter(range(len(specs)))
+    start = time.perf_counter()
 
-    async def worker(http: httpx.AsyncClient) -> None:
-        for index in next_index:  # shared iterator: each index is taken by exactly one worker
-            results[index] = await send_request(http, config, specs[index], index)
+    def expired() -> bool:
+        limit = config.stop_after_s
+        return limit is not None and time.perf_counter() - start >= limit
+
+    async def send(http: httpx.AsyncClient, index: int) -> None:
+        result = await send_request(http, config, specs[index], index)
+        results[index] = result
+        if on_result is not None:
+            on_result(result)
 
     own = client is None
     http = make_client(config) if client is None else client
     try:
         start = time.perf_counter()
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(config.concurrency, len(specs))):
-                group.create_task(worker(http))
+            if config.request_rate is None:
+                next_index = iter(range(len(specs)))
+
+                async def worker() -> None:
+                    for index in next_index:  # shared: each index is taken by one worker
+                        if expired():
+                            return
+                        await send(http, index)
+
+                for _ in range(min(config.concurrency, len(specs))):
+                    group.create_task(worker())
+            else:
+                await _arrivals(config, len(specs), group, send, http, expired)
         duration = time.perf_counter() - start
     finally:
         if own:
             await http.aclose()
     return LoadRun([r for r in results if r is not None], duration)
+
+
+async def _arrivals(
+    config: LoadConfig,
+    count: int,
+    group: asyncio.TaskGroup,
+    send: Callable[[httpx.AsyncClient, int], Awaitable[None]],
+    http: httpx.AsyncClient,
+    expired: Callable[[], bool],
+) -> None:
+    """Open loop: exponential gaps at `request_rate`; a request waits for a free slot only when
+    `concurrency` are in flight (vLLM bench's `--max-concurrency`)."""
+    assert config.request_rate is not None
+    rng = random.Random(config.arrival_seed)
+    slots = asyncio.Semaphore(config.concurrency)
+
+    async def bounded(index: int) -> None:
+        async with slots:
+            await send(http, index)
+
+    for index in range(count):
+        if expired():
+            return
+        group.create_task(bounded(index))
+        if index + 1 < count:
+            await asyncio.sleep(rng.expovariate(config.request_rate))
 
 
 async def warm_up(config: LoadConfig, spec: RequestSpec, client: httpx.AsyncClient) -> None:
