@@ -15,6 +15,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "di_router.launcher.serve_cmd",
     "up": "di_router.launcher.up_cmd",
     "doctor": "di_router.launcher.doctor",
+    "bench": "di_router.bench.cli",
 }
 
 
