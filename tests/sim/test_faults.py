@@ -3,6 +3,7 @@ it reproducible, and that no simulator slot stays in use after a fault cut or st
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import time
 from collections.abc import Iterator
@@ -48,6 +49,12 @@ SIMS: dict[str, list[str]] = {
     "oversized": ["--sim-fault-oversized", "100000"],
     "crash": ["--sim-fault-crash", "--sim-fault-after", "2"],
     "crash_after_requests": ["--sim-fault-crash-after-requests", "2"],
+    "mixed": [
+        *("--sim-fault-status", "503", "--sim-fault-drop", "--sim-fault-stall-headers", "0.2"),
+        *("--sim-fault-stall", "0.2", "--sim-fault-trickle", "64", "--sim-fault-malformed", "json"),
+        *("--sim-fault-oversized", "5000", "--sim-fault-rate", "0.8", "--sim-fault-seed", "3"),
+        *SLOW,
+    ],
 }
 
 
@@ -305,6 +312,29 @@ def test_crash_after_n_requests(sims):
         post(proc, COMPLETIONS, completion_body("one", 2))
     assert wait_exit(proc) == CRASH_EXIT_CODE
     assert "crashing the process (generation request 3 arrived)" in proc.log()
+
+
+# -- several faults at once, concurrently ---------------------------------------------------------
+def test_mixed_faults_under_concurrency_leave_no_slot_in_use(sims):
+    proc = sims["mixed"]
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        reads = list(
+            pool.map(
+                lambda i: read_stream(proc, COMPLETIONS, completion_body(f"prompt {i}", 20)),
+                range(40),
+            )
+        )
+    statuses = [resp.status_code for resp, _, _ in reads]
+    assert set(statuses) == {200, 503}
+    stats = no_slot_in_use(proc)
+    faults = stats["faults"]
+    assert faults["requests"] == 40
+    # The draws do not depend on arrival order, so seed 3 gives every kind at least once.
+    assert all(faults["injected"].values()), faults["injected"]
+    assert faults["injected"]["status"] == statuses.count(503)
+    assert faults["injected"]["drop"] == sum(error is not None for _, _, error in reads)
+    assert 20 <= sum(faults["injected"].values()) <= 40
+    assert "status 503, drop the connection after 1 events, stall 0.2s before" in proc.log()
 
 
 # -- flags ---------------------------------------------------------------------------------------
