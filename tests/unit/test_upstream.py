@@ -4,7 +4,6 @@ the role and what happened, never a backend address; a 4xx keeps its status and 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import httpx
 import orjson
@@ -91,14 +90,10 @@ def test_backend_message_is_cut_and_absent_one_omitted() -> None:
 # -- a leg against an in-process backend ---------------------------------------------------------
 
 
-@pytest.fixture
-async def probe() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as client:
-        yield client
-
-
-def backend_with(handler: Handler, probe: httpx.AsyncClient) -> tuple[Backend, MockBackend]:
+def backend_with(handler: Handler) -> tuple[Backend, MockBackend]:
+    """A leg never uses the probe client; one on the mock transport holds nothing to close."""
     mock = MockBackend(handler)
+    probe = httpx.AsyncClient(transport=mock, trust_env=False)
     return Backend("prefill", URL, transport=mock, probe=probe, healthy=True), mock
 
 
@@ -132,10 +127,8 @@ def streaming(*parts: Part) -> Handler:
         (httpx.ConnectTimeout("slow"), 504, "connect_timeout", "did not accept a connection"),
     ],
 )
-async def test_never_connected(
-    exc: Exception, status: int, error_type: str, what: str, probe: httpx.AsyncClient
-) -> None:
-    backend, _ = backend_with(raising(exc), probe)
+async def test_never_connected(exc: Exception, status: int, error_type: str, what: str) -> None:
+    backend, _ = backend_with(raising(exc))
     one = leg(backend)
     with pytest.raises(UpstreamError) as info:
         await one.response()
@@ -149,11 +142,11 @@ async def test_never_connected(
 
 
 @pytest.mark.anyio
-async def test_error_status_body_read_and_closed_once(probe: httpx.AsyncClient) -> None:
+async def test_error_status_body_read_and_closed_once() -> None:
     async def handler(call: Call) -> httpx.Response:
         return respond(call, 400, VLLM_ERROR)
 
-    backend, mock = backend_with(handler, probe)
+    backend, mock = backend_with(handler)
     one = leg(backend)
     with pytest.raises(UpstreamError) as info:
         await one.response()
@@ -168,10 +161,9 @@ async def test_error_status_body_read_and_closed_once(probe: httpx.AsyncClient) 
 
 
 @pytest.mark.anyio
-async def test_events_in_batches_then_none_after_done(probe: httpx.AsyncClient) -> None:
+async def test_events_in_batches_then_none_after_done() -> None:
     backend, mock = backend_with(
-        streaming(b"data: 1\n\ndata: 2\n\n", b": ping\n\n", b"data: 3\n", b"\n" + DONE_EVENT),
-        probe,
+        streaming(b"data: 1\n\ndata: 2\n\n", b": ping\n\n", b"data: 3\n", b"\n" + DONE_EVENT)
     )
     one = leg(backend)
     assert await one.next_events() == [b"1", b"2"]
@@ -196,9 +188,9 @@ async def test_events_in_batches_then_none_after_done(probe: httpx.AsyncClient) 
     ids=["cut", "too-large", "silent", "broken"],
 )
 async def test_stream_failures(
-    parts: list[Part], status: int, error_type: str, message: str, probe: httpx.AsyncClient
+    parts: list[Part], status: int, error_type: str, message: str
 ) -> None:
-    backend, mock = backend_with(streaming(*parts), probe)
+    backend, mock = backend_with(streaming(*parts))
     one = leg(backend, max_event_bytes=1024)
     with pytest.raises(UpstreamError) as info:
         while await one.next_events() is not None:
@@ -216,13 +208,11 @@ async def test_stream_failures(
     ("content", "error_type"),
     [(b"x" * 2000, "too_large"), (b"not json", "bad_response"), (b"[1]", "bad_response")],
 )
-async def test_whole_answer_failures(
-    content: bytes, error_type: str, probe: httpx.AsyncClient
-) -> None:
+async def test_whole_answer_failures(content: bytes, error_type: str) -> None:
     async def handler(call: Call) -> httpx.Response:
         return respond(call, 200, content)
 
-    backend, mock = backend_with(handler, probe)
+    backend, mock = backend_with(handler)
     one = leg(backend)
     with pytest.raises(UpstreamError) as info:
         await one.json(1024)
@@ -232,7 +222,7 @@ async def test_whole_answer_failures(
 
 
 @pytest.mark.anyio
-async def test_closing_a_pending_leg_cuts_the_request(probe: httpx.AsyncClient) -> None:
+async def test_closing_a_pending_leg_cuts_the_request() -> None:
     never = asyncio.Event()
     reached = asyncio.Event()
 
@@ -241,7 +231,7 @@ async def test_closing_a_pending_leg_cuts_the_request(probe: httpx.AsyncClient) 
         await never.wait()
         raise AssertionError("unreachable")
 
-    backend, _ = backend_with(handler, probe)
+    backend, _ = backend_with(handler)
     one = leg(backend)
     await reached.wait()
     assert backend.outstanding == 1
