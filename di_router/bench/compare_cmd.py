@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     cmp = Comparison(runs, args.baseline_throughput_factor, setup)
     plots = _plots(cmp, out)
     environment = report.environment()
-    text = compare_report.markdown(cmp, plots, environment)
+    command = shlex.join(["di-router", *sys.argv[1:]])
+    text = compare_report.markdown(cmp, plots, environment, command)
     (out / "report.md").write_text(text)
     report.write_json(out / "compare.json", _json(cmp, environment))
     print("\n" + text)

@@ -82,7 +82,7 @@ def table(cmp: Comparison) -> str:
             [c, "DI (router, 1P1D)", di.stats.completed, di.stats.errors, *_numbers(di)],
             [c, f"**DI / baseline** (throughput: / x{cmp.factor:g})", "", "", *ratios],
         ]
-    return report.markdown_table(HEADERS, rows)
+    return report.markdown_table(HEADERS, rows, text_columns=2)
 
 
 def _judge(di: float, base: float) -> str:
@@ -111,19 +111,19 @@ def verdict(cmp: Comparison, concurrency: int) -> str:
     ttft = _phrase(
         "TTFT",
         _judge(d.ttft_s.p50, b.ttft_s.p50),
-        f"p50 {_ms(d.ttft_s.p50)} for DI vs {_ms(b.ttft_s.p50)}",
+        f"p50: DI {_ms(d.ttft_s.p50)}, baseline {_ms(b.ttft_s.p50)}",
     )
     itl = _phrase(
         "ITL",
         _judge(d.itl_s.p99, b.itl_s.p99),
-        f"p99 {_ms(d.itl_s.p99)} vs {_ms(b.itl_s.p99)}",
+        f"p99 of the gaps: DI {_ms(d.itl_s.p99)}, baseline {_ms(b.itl_s.p99)}",
     )
     base_rpm = cmp.factor * b.requests_per_minute
     # Higher is better: judge the negated rates.
     throughput = _phrase(
         "throughput",
         _judge(-d.requests_per_minute, -base_rpm),
-        f"{d.requests_per_minute:.1f} req/min vs {base_rpm:.1f} for the baseline x{cmp.factor:g}",
+        f"DI {d.requests_per_minute:.1f} req/min, baseline x{cmp.factor:g} {base_rpm:.1f}",
     )
     sentence = f"At concurrency {concurrency}, {ttft}, {itl}, and {throughput}."
     if b.errors or d.errors:
@@ -135,12 +135,16 @@ def _ms(seconds: float) -> str:
     return f"{report.fmt(report.ms(seconds))} ms"
 
 
-def markdown(cmp: Comparison, plots: Sequence[str], workload: Mapping[str, Any]) -> str:
+def markdown(
+    cmp: Comparison, plots: Sequence[str], environment: Mapping[str, Any], command: str
+) -> str:
     """The whole report; `plots` are file names next to it."""
     any_run = next(iter(cmp.runs["di"].values()))
     w = any_run.workload
     lines = [
         "# DI vs baseline",
+        "",
+        f"`{command}`",
         "",
         f"Workload (llmperf's): {w.endpoint}, {w.mean_input_tokens} input tokens "
         f"(sd {w.stddev_input_tokens:g}), {w.mean_output_tokens} +/- {w.stddev_output_tokens:g} "
@@ -150,7 +154,8 @@ def markdown(cmp: Comparison, plots: Sequence[str], workload: Mapping[str, Any])
         + f"seed {w.seed}.",
         "",
         *(f"- {side}: {cmp.setup[side]}" for side in SIDES),
-        f"- measured {workload['date']} on {workload['platform']}, {workload['cpus']} CPUs",
+        f"- measured {environment['date']} on {environment['platform']}, "
+        f"{environment['cpus']} CPUs",
         "",
         "ITL p50/p99 are over the pooled gaps between tokens (vLLM bench), where prefill stalls "
         f"show; ITL mean is the headline definition ({w.itl_definition}), per request. The "

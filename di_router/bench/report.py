@@ -14,11 +14,14 @@ from typing import Any
 import orjson
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; the first column is left-aligned, numbers right-aligned."""
+def markdown_table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], text_columns: int = 1
+) -> str:
+    """A GitHub markdown table; the first `text_columns` are left-aligned, the rest (numbers)
+    right-aligned."""
     cells = [[str(c) for c in headers], *[[fmt(c) for c in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    align = ["-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    align = ["-" * w if i < text_columns else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     lines = [cells[0], align, *cells[1:]]
     return "\n".join(
         "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"
