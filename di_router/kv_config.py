@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from di_router.discovery.layout import endpoint_url
 from di_router.neuron_cores import parse_visible_cores
 
 KVRole = Literal["kv_producer", "kv_consumer", "kv_both"]
@@ -21,7 +22,7 @@ DEFAULT_KV_PORT = 14579
 class KVTransferConfig(BaseModel):
     """Field names, types and defaults of vLLM 0.7.2's config plus the Neuron fork's additions."""
 
-    # Later Neuron releases add keys such as "etcd"; vLLM's pydantic model ignores unknown keys.
+    # vLLM's pydantic model ignores unknown keys, so configs of later releases still validate.
     model_config = ConfigDict(extra="ignore")
 
     kv_connector: str | None = None
@@ -34,6 +35,15 @@ class KVTransferConfig(BaseModel):
     kv_port: int = DEFAULT_KV_PORT
     kv_map_path: str | None = None
     neuron_core_offset: int | None = 0
+    etcd: str | None = None
+    """Neuron 2.26 (dynamic xPyD): `HOST:PORT` of the etcd server the worker registers in."""
+
+    @field_validator("etcd")
+    @classmethod
+    def _check_etcd(cls, etcd: str | None) -> str | None:
+        if etcd is not None:
+            endpoint_url(etcd)
+        return etcd
 
     @model_validator(mode="after")
     def _check_roles(self) -> KVTransferConfig:
@@ -42,7 +52,12 @@ class KVTransferConfig(BaseModel):
                 f"kv_role: a kv_connector ({self.kv_connector}) needs kv_role set to one of "
                 "kv_producer, kv_consumer, kv_both"
             )
-        if self.kv_connector == NEURON_CONNECTOR and self.kv_parallel_size < 2:
+        # With etcd, 2.26 configs drop kv_parallel_size (the tutorial's pass only role and etcd).
+        if (
+            self.kv_connector == NEURON_CONNECTOR
+            and self.etcd is None
+            and self.kv_parallel_size < 2
+        ):
             raise ValueError(
                 "kv_parallel_size: NeuronConnector creates its transfer agent only when "
                 f"kv_parallel_size >= 2 (got {self.kv_parallel_size}); use 2 for 1P1D"
