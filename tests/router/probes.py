@@ -10,6 +10,8 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import h11
+
 from tests.support import Proc
 
 _FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
@@ -79,15 +81,20 @@ def send_and_close(url: str, path: str, body: bytes) -> None:
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
-    """Status and body of one `Connection: close`-style answer read until the server closes
-    (or stops sending: the socket's own timeout bounds each read)."""
-    data = b""
-    with contextlib.suppress(TimeoutError, ConnectionResetError):
-        while chunk := sock.recv(65536):
-            data += chunk
-            head, sep, body = data.partition(b"\r\n\r\n")
-            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-            if sep and length and len(body) >= int(length.group(1)):
-                break
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
+    """Status and body of the one answer on `sock` (parsed by h11, chunked or not); the
+    socket's own timeout bounds each read."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(
+        h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "0")])
+    )
+    status, body = 0, b""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            return status, body
