@@ -11,6 +11,7 @@ from quart import Quart, Response, request
 
 from di_router.sim.faults import install_faults
 from di_router.sim.openai_serving import generate
+from di_router.sim.registration import install_registration
 from di_router.sim.server import SimServer
 from di_router.sim.settings import SimSettings
 from di_router.wire.responses import json_response
@@ -102,4 +103,5 @@ def create_app(settings: SimSettings) -> Quart:
         return await generate(server, chat=True)
 
     install_faults(app, settings.faults)
+    install_registration(app, settings)  # after _start: registers once paired
     return app
