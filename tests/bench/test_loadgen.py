@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 
 import pytest
 
@@ -46,3 +48,36 @@ def test_percentile_is_linear_interpolation():
     assert loadgen.percentile(data, 90) == pytest.approx(3.7)
     assert loadgen.percentile(data, 0) == 1.0
     assert loadgen.percentile(data, 100) == 4.0
+
+
+def test_open_loop_arrivals_and_in_flight_bound():
+    """Poisson arrivals at a high rate: concurrency 1 serialises them, 4 lets them overlap."""
+    specs = loadgen.make_requests(8, input_tokens=16, output_mean=2)
+    with stack.baseline("instant", sim_args=["--sim-prefill-base-ms", "40"]) as base:
+
+        def run(concurrency: int) -> loadgen.LoadRun:
+            config = loadgen.LoadConfig(
+                base.url, endpoint="completions", concurrency=concurrency, request_rate=500.0
+            )
+            return asyncio.run(loadgen.run_load(config, specs))
+
+        serial, overlapped = run(1), run(4)
+        config = loadgen.LoadConfig(
+            base.url, endpoint="completions", concurrency=8, request_rate=25.0
+        )
+        spread = asyncio.run(loadgen.run_load(config, specs))
+    # open loop: sends follow the seeded exponential gaps, not the completions
+    rng = random.Random(config.arrival_seed)
+    planned = sum(rng.expovariate(25) for _ in range(7))
+    assert spread.summary().completed == 8
+    sends = sorted(r.send_time for r in spread.results)
+    assert planned <= sends[-1] - sends[0] < planned + 0.5
+    for run_ in (serial, overlapped):
+        assert run_.summary().completed == 8
+    ordered = sorted(serial.results, key=lambda r: r.send_time)
+    for before, after in itertools.pairwise(ordered):
+        assert before.end_time is not None and after.send_time >= before.end_time
+    ordered = sorted(overlapped.results, key=lambda r: r.send_time)
+    assert any(
+        after.send_time < (before.end_time or 0.0) for before, after in itertools.pairwise(ordered)
+    )
