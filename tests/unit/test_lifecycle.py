@@ -351,3 +351,27 @@ async def test_refused_pair_is_retried_on_another_under_a_new_id(
     assert moved.request_id != router.decodes[0].calls[0].request_id
     await router.settled()
     assert router.prefills[0].calls[1].request_id == router.decodes[0].calls[0].request_id
+
+
+async def test_refused_rescue_gives_up_and_the_settle_timeout_bounds_the_hold(
+    make_router: Callable[..., Router],
+) -> None:
+    """Prefill fails, then refuses the rescue (a 4xx is final): decode may wait for KV that
+    will never come, so it is held, but only for the settle timeout."""
+
+    async def prefill(call: Call) -> httpx.Response:
+        return respond(call, 500 if call.number == 0 else 400, ENGINE_DIED)
+
+    router = make_router((prefill, good_decode(kv=asyncio.Event())), settle_timeout_s=0.2)
+    client = await router.post("/v1/completions", request(False, True))
+    assert client.status == 502
+    await router.prefill.call(1)
+    await router.settled()
+    assert len(router.prefill.calls) == 2
+    assert (
+        router.metric("di_router_prefill_rescues_total", outcome="given_up", reason="http_400") == 1
+    )
+    assert (
+        router.metric("di_router_prefill_rescues_total", outcome="succeeded", reason="http_500")
+        == 0
+    )
