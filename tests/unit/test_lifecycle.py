@@ -375,3 +375,26 @@ async def test_refused_rescue_gives_up_and_the_settle_timeout_bounds_the_hold(
         router.metric("di_router_prefill_rescues_total", outcome="succeeded", reason="http_500")
         == 0
     )
+
+
+async def test_decode_failing_mid_stream_ends_the_stream_with_an_error_event(
+    make_router: Callable[..., Router],
+) -> None:
+    """Headers are gone: the failure is told in the stream, which still ends with [DONE]."""
+
+    async def decode(call: Call) -> httpx.Response:
+        parts = decode_stream(call, "ABC")
+        return sse(call, [*parts[:2], b'data: {"choices": [1]}\n\n'])  # A, B, then garbage
+
+    router = make_router((good_prefill(), decode))
+    client = await router.post("/v1/completions", request(False, True))
+    assert client.status == 200
+    *tokens, error, done = client.body.split(b"\n\n")[:-1]
+    assert [orjson.loads(t[6:])["choices"][0]["text"] for t in tokens] == ["A", "B"]
+    assert orjson.loads(error[6:]) == {"error": {
+        "object": "error", "message": "decode failed mid-stream: decode server sent a malformed "
+        "event", "type": "BadGatewayError", "param": None, "code": 502}}  # fmt: skip
+    assert done == b"data: [DONE]"
+    await router.settled()
+    assert router.metric("di_router_upstream_errors_total", model_name="unknown",
+                         role="decode", error_type="bad_response") == 1  # fmt: skip
