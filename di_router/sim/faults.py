@@ -39,6 +39,7 @@ ASGIApp = Callable[..., Awaitable[None]]  # Quart's own `asgi_app` has stricter 
 log = logging.getLogger("di_router.sim.faults")
 
 FAULTED_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+"""Only POSTs to these are faulted: a router's health checks and metrics scrapes stay clean."""
 CRASH_EXIT_CODE = 70
 """Exit status of an injected crash (EX_SOFTWARE), so a chaos run can tell it from a real one."""
 _DISCONNECT: Message = {"type": "http.disconnect"}
@@ -278,7 +279,11 @@ class FaultInjector:
         self.injected = dict.fromkeys(self._kinds, 0)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in FAULTED_PATHS:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in FAULTED_PATHS
+        ):
             await self.app(scope, receive, send)
             return
         self.requests += 1

@@ -165,8 +165,11 @@ def test_odd_statuses(sims, name, status, location):
 
 def test_other_routes_are_never_faulted_and_the_log_names_the_fault(sims):
     proc = sims["520"]
+    before = sim_stats(proc)["faults"]
     for path in ("/health", "/ping", "/metrics", "/version", "/v1/models", "/sim/stats"):
         assert httpx.get(proc.url + path, timeout=5).status_code == 200, path
+    assert httpx.get(proc.url + COMPLETIONS, timeout=5).status_code == 405  # not a POST
+    assert sim_stats(proc)["faults"] == before
     assert "fault injection on: status 520 at rate 1 (seed 0)" in proc.log()
 
 
