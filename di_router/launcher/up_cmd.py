@@ -32,6 +32,9 @@ UP_OPTIONS = (
 )
 DEFAULT_READY_TIMEOUT = {"sim": 60.0, "vllm": 1800.0}
 """A 70B model takes minutes to load on Trainium; the simulator takes seconds."""
+HANDSHAKE_MARKERS = ("KV handshake:", "initialize recv buffer", "initialize send buffer")
+"""Log lines about pairing over the KV side channel: the simulator's, and vLLM's
+(`NeuronBuffer.__init__` logs "initialize recv buffer" and then blocks in the handshake)."""
 STOP_GRACE_S = 10.0
 HEALTH_POLL_INTERVAL_S = 0.2
 LINE_LIMIT = 1 << 20
@@ -107,6 +110,8 @@ class Supervisor:
         self.children: dict[str, asyncio.subprocess.Process] = {}
         self.pumps: list[asyncio.Task[None]] = []
         self.healthy: set[str] = set()
+        self.handshake: dict[str, str] = {}
+        """Each child's last line about the KV handshake: why a server is not up yet."""
         self.stop = asyncio.Event()
         self.stop_signal: str | None = None
 
@@ -154,7 +159,10 @@ class Supervisor:
     async def _pump(self, name: str, process: asyncio.subprocess.Process) -> None:
         assert process.stdout is not None
         async for line in process.stdout:
-            log(line.decode(errors="replace").rstrip("\r\n"), name)
+            text = line.decode(errors="replace").rstrip("\r\n")
+            if any(marker in text for marker in HANDSHAKE_MARKERS):
+                self.handshake[name] = text
+            log(text, name)
 
     async def _all_healthy(self, group: list[ChildSpec]) -> None:
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
@@ -197,6 +205,11 @@ class Supervisor:
             f"{', '.join(late)} did not become healthy within {self.ready_timeout:g} s "
             "(--ready-timeout); see its log lines above. Stopping everything"
         )
+        for spec in group:
+            if spec.name not in self.healthy and spec.name in self.handshake:
+                # Neither server binds HTTP before the pair is made: say where it is stuck.
+                line = self.handshake[spec.name]
+                log(f"{spec.name} never paired over the KV side channel: {line}")
         return 1
 
     async def _stop_all(self) -> None:

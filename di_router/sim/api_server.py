@@ -6,9 +6,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import prometheus_client
+
 from di_router.serving import hypercorn_config, run
-from di_router.sim.app import create_app
+from di_router.sim.app import VLLM_VERSION, create_app
 from di_router.sim.args import parse_settings
+from di_router.sim.server import SimServer
 from di_router.sim.settings import SimSettings
 
 log = logging.getLogger("di_router.sim")
@@ -34,11 +37,22 @@ def serve(settings: SimSettings) -> None:
             flush=True,
         )
 
-    run(create_app(settings), hypercorn_config(settings.host, settings.port), on_bound=ready)
+    app = create_app(settings)
+    server: SimServer = app.extensions["sim"]
+
+    def on_signal() -> None:
+        if server.engine is None:  # still pairing, before HTTP: nothing to drain
+            raise SystemExit(0)
+
+    # Pairing happens in the startup hook, before Hypercorn binds; it may take forever.
+    config = hypercorn_config(settings.host, settings.port, startup_timeout=None)
+    run(app, config, on_bound=ready, on_signal=on_signal)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:%(name)s:%(message)s")
+    prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]  # as vLLM
+    log.info("vLLM API server version %s", VLLM_VERSION)
     settings, warnings = parse_settings(argv)
     for warning in warnings:
         log.warning(warning)

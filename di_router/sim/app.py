@@ -8,6 +8,7 @@ import uuid
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
 
 from di_router.sim.faults import install_faults
 from di_router.sim.openai_serving import generate
@@ -16,7 +17,10 @@ from di_router.sim.server import SimServer
 from di_router.sim.settings import SimSettings
 from di_router.wire.responses import json_response
 
-VLLM_VERSION = "0.7.2"
+VLLM_VERSION = "2.24.0+neuron219"
+"""What a source install of branch neuron-2.24-vllm-v0.7.2 reports: setup.py's
+`get_vllm_version` takes setuptools-scm's version (the branch head is tagged 2.24.0) and appends
+`+neuron` and the first three digits of the neuronx-cc version (2.19.x in Neuron SDK 2.24)."""
 
 
 def create_app(settings: SimSettings) -> Quart:
@@ -48,6 +52,12 @@ def create_app(settings: SimSettings) -> Quart:
     @app.route("/ping", methods=["GET", "POST"])
     async def health() -> Response:
         return Response(b"", 200)
+
+    @app.errorhandler(404)
+    @app.errorhandler(405)
+    async def not_found(error: HTTPException) -> Response:
+        # FastAPI's (Starlette's) JSON for routes and methods it does not serve.
+        return json_response({"detail": error.name}, error.code or 404)
 
     @app.route("/version")
     async def version() -> Response:

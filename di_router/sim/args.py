@@ -88,8 +88,24 @@ def build_parser(prog: str = "python -m di_router.sim.api_server") -> argparse.A
     sim.add_argument(
         "--sim-kv-timeout",
         type=float,
-        default=30.0,
-        help="seconds a decode request waits for its prefill entry, then fails",
+        default=0.0,
+        metavar="SECONDS",
+        help="departs from vLLM: a decode request whose KV has not come within SECONDS fails "
+        "with 500 and frees its slot (0, the default: it waits forever, as vLLM does)",
+    )
+    sim.add_argument(
+        "--sim-abort-transferring",
+        action="store_true",
+        help="departs from vLLM: a client abort also frees a decode request still waiting for "
+        "its KV (vLLM's Scheduler.abort_seq_group never scans `transferring`)",
+    )
+    sim.add_argument(
+        "--sim-kv-handshake-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="departs from vLLM: exit with an error if the KV producer/consumer have not paired "
+        "within SECONDS (0, the default: wait forever, as vLLM's ZMQ handshake does)",
     )
     sim.add_argument(
         "--sim-kv-entry-ttl",
@@ -123,6 +139,9 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
     for flag in ("max_num_seqs", "max_model_len", "port"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("sim_kv_timeout", "sim_kv_handshake_timeout"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must not be negative")
     if not 0.0 <= args.sim_eos_probability <= 1.0:
         raise ValueError("--sim-eos-probability must be between 0 and 1")
     overrides = {name: getattr(args, f"sim_{name}") for name in _SIM_OVERRIDES}
@@ -141,6 +160,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
         kv_config=kv,
         profile=profile,
         kv_timeout_s=args.sim_kv_timeout,
+        abort_transferring=args.sim_abort_transferring,
+        kv_handshake_timeout_s=args.sim_kv_handshake_timeout,
         kv_entry_ttl_s=args.sim_kv_entry_ttl,
         eos_probability=args.sim_eos_probability,
         faults=fault_settings(args),

@@ -26,7 +26,7 @@ def role_argv(role: str, port: int | None, kv_ip: str, kv_port: int) -> list[str
     return argv
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "sim",
         help="run a simulated vLLM server (prefill, decode or baseline)",

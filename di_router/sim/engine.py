@@ -3,22 +3,29 @@
 Roles differ only in which half they run:
 - baseline: prefills (one at a time, FIFO, ahead of decode steps, stalling running sequences)
   and decode steps over every running sequence;
-- producer (prefill): prefills only; the finished sequence's slot stays pinned in the KV store
-  until a consumer pulls it;
-- consumer (decode): reserves a slot on arrival, pulls the first token and KV from the producer,
-  waits the modelled transfer, emits that token as its own first output, then decodes.
+- producer (prefill): prefills, then decodes on if `max_tokens` > 1 (vLLM does not refuse it);
+  a finished sequence whose KV has not been pulled stays in `transferring` with its slot
+  (`Scheduler.free_finished_seq_groups`, `free_transferred_seq_groups`);
+- consumer (decode): admission allocates a slot and moves the request to `transferring`
+  (`Scheduler._schedule_waiting_to_transferring`); it stays there until its KV arrives, however
+  long that takes, then emits the pulled token as its own first output and decodes on.
+
+`Scheduler.abort_seq_group` scans `waiting`, `running` and `swapped`, never `transferring`, so
+an abort (client disconnect) of a transferring request does nothing: it keeps its slot, runs
+once its KV arrives and finishes with nobody listening. `abort_transferring` departs from that.
+(References: `vllm/core/scheduler.py` on branch neuron-2.24-vllm-v0.7.2.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
-from di_router.sim.kv_channel import KVEntry, KVEntryStore, KVPullTimeoutError
+from di_router.sim.clock import Clock
+from di_router.sim.kv_channel import KVEntry, KVEntryStore
 from di_router.sim.metrics import SimMetrics
 from di_router.sim.profiles import TimingProfile
 from di_router.sim.sequence import Sequence, SequenceError, TokenOutput
@@ -30,7 +37,7 @@ class Role(StrEnum):
     DECODE = "decode"
 
 
-PullFn = Callable[[str, float], Awaitable[tuple[int, int]]]
+LookupFn = Callable[[str], Awaitable[tuple[int, int]]]
 
 
 class Engine:
@@ -40,26 +47,32 @@ class Engine:
         profile: TimingProfile,
         max_num_seqs: int,
         metrics: SimMetrics,
+        clock: Clock,
         kv_store: KVEntryStore | None = None,
-        pull: PullFn | None = None,
-        kv_timeout_s: float = 30.0,
+        lookup: LookupFn | None = None,
+        kv_timeout_s: float = 0.0,
+        abort_transferring: bool = False,
     ) -> None:
         self.role = role
         self.profile = profile
         self.max_num_seqs = max_num_seqs
         self.metrics = metrics
+        self.clock = clock
         self.kv_store = kv_store
-        self._pull = pull
+        self._lookup = lookup
         self._kv_timeout_s = kv_timeout_s
+        self._abort_transferring = abort_transferring
         self.slots_in_use = 0
         self.waiting: deque[Sequence] = deque()
         self.prefill_queue: deque[Sequence] = deque()
-        self.transferring: dict[Sequence, asyncio.Task[None]] = {}
+        # Decode: waiting for KV (with the task receiving it). Prefill: finished, KV not pulled.
+        self.transferring: dict[Sequence, asyncio.Task[None] | None] = {}
         self.running: list[Sequence] = []
         self.aborted = 0
+        self.aborts_ignored = 0
+        self.kv_timeouts = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
-        self._arrival: dict[Sequence, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,29 +87,34 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
-        self._arrival[seq] = time.monotonic()
+        seq.arrived_at = self.clock.now()
         self.waiting.append(seq)
         self._admit()
         self._wake.set()
 
     def abort(self, seq: Sequence, client_gone: bool = True) -> None:
-        """Drop the sequence wherever it is and free what it holds.
+        """vLLM's abort: drop the sequence from waiting/running and free its slot.
 
-        `client_gone` counts it in `aborted`; a sibling cancelled because another sequence of
-        the same request failed (a KV pull timeout) is not a client abort.
+        A sequence in `transferring` is not found (see the module docstring) unless
+        `abort_transferring`. `client_gone` counts the abort; a sibling stopped because another
+        sequence of the same request failed is not a client abort.
         """
         if seq.finished or seq.aborted:
             return
+        if seq in self.transferring and not self._abort_transferring:
+            self.aborts_ignored += client_gone
+            return
         seq.aborted = True
         self.aborted += client_gone
-        self._arrival.pop(seq, None)
         if seq in self.waiting:
             self.waiting.remove(seq)
             return
         if seq in self.prefill_queue:
             self.prefill_queue.remove(seq)
         elif seq in self.transferring:
-            self.transferring.pop(seq).cancel()
+            task = self.transferring.pop(seq)
+            if task is not None:
+                task.cancel()
         elif seq in self.running:
             self.running.remove(seq)
         else:
@@ -107,10 +125,6 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting) + len(self.prefill_queue)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.running) + len(self.transferring)
-
     # -- scheduling ----------------------------------------------------------------------------
     def _release_slot(self) -> None:
         self.slots_in_use -= 1
@@ -120,6 +134,7 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and self.slots_in_use < self.max_num_seqs:
             seq = self.waiting.popleft()
+            seq.scheduled_at = self.clock.now()
             self.slots_in_use += 1
             if self.role is Role.DECODE:
                 self.transferring[seq] = asyncio.create_task(self._receive(seq))
@@ -137,72 +152,91 @@ class Engine:
                 await self._wake.wait()
 
     async def _prefill(self, seq: Sequence) -> None:
-        await asyncio.sleep(self.profile.prefill_seconds(seq.prompt_tokens))
+        await self.clock.sleep(self.profile.prefill_seconds(seq.prompt_tokens))
+        self.metrics.iteration_tokens.observe(seq.prompt_tokens)
         if seq.aborted:
             self._release_slot()
             return
         token = seq.sample()
         self._emit(seq, seq.append(token))
         if self.role is Role.PREFILL:
-            # The slot stays pinned until the consumer has pulled the KV (or the entry expires).
+            # The KV is offered at the prefill step; the slot stays until it has been pulled.
             assert self.kv_store is not None
+            seq.kv_pending = True
             self.kv_store.put(
-                seq.engine_id, KVEntry(token, seq.prompt_tokens, release=self._release_slot)
+                seq.engine_id,
+                KVEntry(token, seq.prompt_tokens, release=lambda: self._kv_sent(seq)),
             )
-        elif seq.finished:
-            self._release_slot()
-        else:
-            self.running.append(seq)
+        self._continue(seq)
 
-    async def _receive(self, seq: Sequence) -> None:
-        assert self._pull is not None
-        try:
-            token, num_tokens = await self._pull(seq.engine_id, self._kv_timeout_s)
-            await asyncio.sleep(self.profile.kv_transfer_seconds(num_tokens))
-        except KVPullTimeoutError:
-            self.transferring.pop(seq, None)
-            self._arrival.pop(seq, None)
-            self.metrics.kv_pull_timeouts.inc()
-            seq.finished = True
-            message = (
-                f"KV transfer failed: no prefill entry for engine request id {seq.engine_id!r} "
-                f"within {self._kv_timeout_s:g}s (was the same X-Request-Id sent to the prefill "
-                "server?)"
-            )
-            seq.outputs.put_nowait((seq.index, SequenceError(500, message)))
-            self._release_slot()
-            return
-        self.transferring.pop(seq, None)
-        # The consumer's first step skips the forward pass and outputs the pulled token.
-        self._emit(seq, seq.append(token))
+    def _continue(self, seq: Sequence) -> None:
+        """After a sequence's first token: run on, or finish."""
         if seq.finished:
-            self._release_slot()
+            self._finish(seq)
         else:
             self.running.append(seq)
             self._wake.set()
 
+    def _finish(self, seq: Sequence) -> None:
+        if seq.kv_pending:
+            self.transferring[seq] = None  # pinned until the consumer has pulled the KV
+        else:
+            self._release_slot()
+
+    def _kv_sent(self, seq: Sequence) -> None:
+        seq.kv_pending = False
+        if seq in self.transferring:
+            del self.transferring[seq]
+            self._release_slot()
+
+    async def _receive(self, seq: Sequence) -> None:
+        assert self._lookup is not None
+        try:
+            async with asyncio.timeout(self._kv_timeout_s or None):
+                token, num_tokens = await self._lookup(seq.engine_id)
+        except TimeoutError:
+            self._kv_timed_out(seq)
+            return
+        await self.clock.sleep(self.profile.kv_transfer_seconds(num_tokens))
+        self.transferring.pop(seq, None)
+        # The consumer's first step skips the forward pass and outputs the pulled token.
+        self._emit(seq, seq.append(token))
+        self._continue(seq)
+
+    def _kv_timed_out(self, seq: Sequence) -> None:
+        """`--sim-kv-timeout` only: fail the request instead of waiting for its KV forever."""
+        self.transferring.pop(seq, None)
+        self.kv_timeouts += 1
+        seq.finished = True
+        message = (
+            f"KV transfer failed: no prefill entry for engine request id {seq.engine_id!r} "
+            f"within {self._kv_timeout_s:g}s (was the same X-Request-Id sent to the prefill "
+            "server?)"
+        )
+        seq.outputs.put_nowait((seq.index, SequenceError(500, message)))
+        self._release_slot()
+
     async def _decode_step(self) -> None:
         batch = list(self.running)
-        await asyncio.sleep(self.profile.decode_step_seconds(len(batch)))
+        await self.clock.sleep(self.profile.decode_step_seconds(len(batch)))
+        self.metrics.iteration_tokens.observe(len(batch))
         for seq in batch:
             if seq.aborted:
                 continue
             self._emit(seq, seq.append(seq.sample()))
             if seq.finished:
                 self.running.remove(seq)
-                self._release_slot()
+                self._finish(seq)
 
     def _emit(self, seq: Sequence, out: TokenOutput) -> None:
-        now = time.monotonic()
-        arrival = self._arrival.get(seq, now)
+        now = self.clock.now()
         if len(seq.generated) == 1:
-            self.metrics.time_to_first_token.observe(now - arrival)
+            seq.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - seq.arrived_at)
         else:
             self.metrics.time_per_output_token.observe(now - seq.last_token_at)
         seq.last_token_at = now
         self.metrics.generation_tokens.inc()
         if out.finish_reason is not None:
-            self._arrival.pop(seq, None)
-            self.metrics.e2e_latency.observe(now - arrival)
-            self.metrics.labels_for_success(out.finish_reason).inc()
+            self.metrics.request_finished(seq, out.finish_reason, now)
         seq.outputs.put_nowait((seq.index, out))

@@ -1,22 +1,40 @@
-"""The KV side channel between a producer (prefill) and a consumer (decode).
+"""The KV side channel between one producer (prefill) and one consumer (decode), over TCP.
 
-Like NeuronConnector, the only key is the engine request id that both servers derive from the
-shared `X-Request-Id`. The producer keeps an entry {engine id -> first token, KV tokens} and the
-sequence's slot until a consumer pulls it; the consumer asks over TCP at `kv_ip:kv_port`. One
-long-poll per pull replaces the real connector's busy REQ/REP retry loop; the outcome is the same.
+It follows Neuron's connector (`vllm/distributed/kv_transfer/neuron/neuron_buffer.py`,
+`NeuronBuffer.__init__`, `send_handler`, `recv_handler` on branch neuron-2.24-vllm-v0.7.2):
+- Pairing: the producer binds `kv_port` and waits for a consumer's hello; the consumer connects
+  to `kv_ip:kv_port` and waits for the answer; both exchange their neuron_core_offset. Neither
+  side has a timeout (ZMQ REP/REQ `recv` without one), so a consumer pointed at the wrong address
+  waits forever; `SimServer` binds HTTP only once paired, as vLLM does (`init_device` runs first).
+- One producer pairs with one consumer; a second consumer is refused and keeps waiting. (The
+  fork's REP socket would take its hello for a lookup and its send thread would die.)
+- A lookup is keyed by the engine request id only. A lookup for an entry that does not exist
+  yet is retried without end (`recv_handler` re-queues it); here the producer holds the lookup
+  until the entry appears, one message instead of a busy loop, with the same outcome.
+Departure: when the peer's connection drops (a server restarted), the producer accepts a new
+consumer and the consumer pairs again, re-sending its pending lookups. In the fork a REQ/REP pair
+cannot recover (the REQ socket waits forever for the lost reply): both servers need a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
+import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
-_CONNECT_RETRY_S = 0.05
+from di_router.sim.clock import Clock
+
+log = logging.getLogger("di_router.sim.kv")
+
+RETRY_S = 0.1
+CONNECT_TIMEOUT_S = 5.0
+WAIT_LOG_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -24,7 +42,7 @@ class KVEntry:
     token_id: int
     num_tokens: int
     release: Callable[[], None]
-    created: float = field(default_factory=time.monotonic)
+    """Called once the KV left the producer (pulled and transferred) or expired."""
 
 
 @dataclass
@@ -32,22 +50,18 @@ class KVCounters:
     produced: int = 0
     pulled: int = 0
     expired: int = 0
-    pull_timeouts: int = 0
 
 
-class KVPullTimeoutError(Exception):
-    """No producer entry appeared for the engine id within the consumer's timeout."""
-
-
+@dataclass
 class KVEntryStore:
-    """Producer side: finished prefills waiting to be pulled, each pinning one slot."""
+    """Producer side: prefilled KV by engine id, waiting for the consumer's lookup."""
 
-    def __init__(self, entry_ttl_s: float, transfer_seconds: Callable[[int], float]) -> None:
-        self._entries: dict[str, KVEntry] = {}
-        self._arrivals: dict[str, asyncio.Event] = {}
-        self._entry_ttl_s = entry_ttl_s
-        self._transfer_seconds = transfer_seconds
-        self.counters = KVCounters()
+    clock: Clock
+    entry_ttl_s: float
+    transfer_seconds: Callable[[int], float]
+    counters: KVCounters = field(default_factory=KVCounters)
+    _entries: dict[str, KVEntry] = field(default_factory=dict)
+    _waiters: dict[str, list[asyncio.Future[None]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,10 +69,11 @@ class KVEntryStore:
     def put(self, engine_id: str, entry: KVEntry) -> None:
         self._entries[engine_id] = entry
         self.counters.produced += 1
-        if engine_id in self._arrivals:
-            self._arrivals[engine_id].set()
-        if self._entry_ttl_s > 0:
-            asyncio.get_running_loop().call_later(self._entry_ttl_s, self._expire, engine_id, entry)
+        for waiter in self._waiters.pop(engine_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+        if self.entry_ttl_s > 0:
+            self.clock.call_later(self.entry_ttl_s, self._expire, engine_id, entry)
 
     def _expire(self, engine_id: str, entry: KVEntry) -> None:
         if self._entries.get(engine_id) is entry:
@@ -66,32 +81,38 @@ class KVEntryStore:
             self.counters.expired += 1
             entry.release()
 
-    async def take(self, engine_id: str, timeout: float) -> KVEntry | None:
-        """Wait up to `timeout` for the entry, then hand it over; the slot frees after transfer."""
-        if engine_id not in self._entries:
-            arrival = self._arrivals.setdefault(engine_id, asyncio.Event())
+    async def take(self, engine_id: str) -> KVEntry:
+        """Wait (without end, like the fork's lookup) for the entry; release it after transfer."""
+        while (entry := self._entries.pop(engine_id, None)) is None:
+            waiter = asyncio.get_running_loop().create_future()
+            waiters = self._waiters.setdefault(engine_id, [])
+            waiters.append(waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    await arrival.wait()
-            except TimeoutError:
-                return None
-            finally:
-                self._arrivals.pop(engine_id, None)
-        entry = self._entries.pop(engine_id, None)
-        if entry is None:
-            return None
+                await waiter
+            except asyncio.CancelledError:  # the consumer cancelled or went away
+                waiters.remove(waiter)
+                if not waiters and self._waiters.get(engine_id) is waiters:
+                    del self._waiters[engine_id]
+                raise
         self.counters.pulled += 1
-        delay = self._transfer_seconds(entry.num_tokens)
-        asyncio.get_running_loop().call_later(delay, entry.release)
+        self.clock.call_later(self.transfer_seconds(entry.num_tokens), entry.release)
         return entry
 
 
-class KVChannelServer:
-    """Serves pulls from consumers on `kv_port` (the producer binds it, as NeuronConnector does)."""
+def _line(message: dict[str, Any]) -> bytes:
+    return orjson.dumps(message) + b"\n"
 
-    def __init__(self, store: KVEntryStore) -> None:
+
+class KVChannelServer:
+    """Producer side: binds `kv_port`, pairs with one consumer and answers its lookups."""
+
+    def __init__(self, store: KVEntryStore, nc_offset: int | None) -> None:
         self._store = store
+        self._nc_offset = nc_offset
         self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+        self.peer: str | None = None
+        self.paired = asyncio.Event()
 
     async def start(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -99,64 +120,175 @@ class KVChannelServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            for writer in self._connections:  # wait_closed waits for every open connection
+                writer.close()
             await self._server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = writer.get_extra_info("peername")[:2]
+        address = f"{host}:{port}"
+        lookups: dict[int, asyncio.Task[None]] = {}
+        self._connections.add(writer)
         try:
-            request = orjson.loads(await reader.readline())
-            # Stop waiting if the consumer hangs up (its request was aborted).
-            take = asyncio.ensure_future(
-                self._store.take(request["request_id"], request["timeout"])
-            )
-            hangup = asyncio.ensure_future(reader.read(1))
-            await asyncio.wait((take, hangup), return_when=asyncio.FIRST_COMPLETED)
-            hangup.cancel()
-            if not take.done():
-                take.cancel()
+            hello = orjson.loads(await reader.readline() or b"{}")
+            if hello.get("hello") != "client":
+                return  # a port probe (e.g. `di-router doctor`), not a consumer
+            if self.peer is not None:
+                reason = f"this producer is already paired with the consumer at {self.peer}"
+                log.warning("KV handshake: refused the consumer at %s: %s", address, reason)
+                writer.write(_line({"refused": reason}))
+                await writer.drain()
                 return
-            entry = take.result()
-            reply = (
-                {"ok": False}
-                if entry is None
-                else {"ok": True, "token_id": entry.token_id, "num_tokens": entry.num_tokens}
+            self.peer = address
+            writer.write(_line({"hello": "server", "nc_offset": self._nc_offset}))
+            log.info(
+                "KV handshake: paired with the consumer at %s (its nc offset %s)",
+                address,
+                hello.get("nc_offset"),
             )
-            writer.write(orjson.dumps(reply) + b"\n")
-            await writer.drain()
+            self.paired.set()
+            while line := await reader.readline():
+                message = orjson.loads(line)
+                tag = int(message["tag"])
+                if "lookup" in message:
+                    lookups[tag] = asyncio.create_task(
+                        self._answer(writer, str(message["lookup"]), tag, lookups)
+                    )
+                elif (task := lookups.pop(tag, None)) is not None:
+                    task.cancel()
         except (ConnectionError, ValueError, KeyError, TypeError):
             pass
         finally:
+            self._connections.discard(writer)
+            for task in lookups.values():
+                task.cancel()
+            if self.peer == address:
+                self.peer = None
+                log.warning("KV side channel: the consumer at %s went away", address)
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
+    async def _answer(
+        self,
+        writer: asyncio.StreamWriter,
+        engine_id: str,
+        tag: int,
+        lookups: dict[int, asyncio.Task[None]],
+    ) -> None:
+        entry = await self._store.take(engine_id)
+        lookups.pop(tag, None)
+        writer.write(
+            _line({"tag": tag, "token_id": entry.token_id, "num_tokens": entry.num_tokens})
+        )
 
-async def pull_entry(host: str, port: int, engine_id: str, timeout: float) -> tuple[int, int]:
-    """Consumer side: (first token id, KV tokens) for `engine_id`, or KVPullTimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise KVPullTimeoutError(engine_id)
+
+class KVChannelClient:
+    """Consumer side: pairs with the producer at `kv_ip:kv_port`, then looks entries up."""
+
+    def __init__(self, host: str, port: int, nc_offset: int | None) -> None:
+        self._address = f"{host}:{port}"
+        self._host, self._port = host, port
+        self._nc_offset = nc_offset
+        self._pending: dict[int, tuple[str, asyncio.Future[tuple[int, int]]]] = {}
+        self._tags = itertools.count()
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._logged_reason: str | None = None
+        self._logged_at = self._waiting_since = float("-inf")
+        self.paired = asyncio.Event()
+        self.waiting_reason = "not started"
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="sim-kv-client")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def lookup(self, engine_id: str) -> tuple[int, int]:
+        """(first token id, KV tokens) of `engine_id`, however long the producer takes."""
+        tag = next(self._tags)
+        future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
+        self._pending[tag] = (engine_id, future)
+        self._send({"lookup": engine_id, "tag": tag})
         try:
-            async with asyncio.timeout(remaining):
-                reader, writer = await asyncio.open_connection(host, port)
-        except TimeoutError:
-            raise KVPullTimeoutError(engine_id) from None
-        except OSError:
-            # The producer is not up (yet): the real connector also waits for its peer.
-            await asyncio.sleep(min(_CONNECT_RETRY_S, max(remaining, 0)))
-            continue
-        try:
-            request = {"request_id": engine_id, "timeout": remaining}
-            writer.write(orjson.dumps(request) + b"\n")
-            await writer.drain()
-            async with asyncio.timeout(remaining + 5):
-                line = await reader.readline()
-        except (TimeoutError, ConnectionError):
-            raise KVPullTimeoutError(engine_id) from None
+            return await future
         finally:
-            writer.close()
-        reply = orjson.loads(line) if line else {"ok": False}
-        if not reply["ok"]:
-            raise KVPullTimeoutError(engine_id)
-        return int(reply["token_id"]), int(reply["num_tokens"])
+            if self._pending.pop(tag, None) is not None:
+                self._send({"cancel": engine_id, "tag": tag})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        if self._writer is not None:
+            self._writer.write(_line(message))
+
+    def _waiting(self, reason: str, alarming: bool = False) -> None:
+        """Say why we are not paired: when the reason changes, then every few seconds. Waiting
+        for a producer that is still starting is normal (INFO); a refusal, or waiting for
+        longer than the interval, is a WARNING."""
+        self.waiting_reason = reason
+        now = asyncio.get_running_loop().time()
+        if self._logged_reason is None:
+            self._waiting_since = now
+        if reason != self._logged_reason or now - self._logged_at >= WAIT_LOG_INTERVAL_S:
+            alarming = alarming or now - self._waiting_since >= WAIT_LOG_INTERVAL_S
+            log.log(
+                logging.WARNING if alarming else logging.INFO,
+                "KV handshake: waiting to pair with the producer at %s (kv_ip:kv_port): %s",
+                self._address,
+                reason,
+            )
+            self._logged_reason, self._logged_at = reason, now
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    reader, writer = await asyncio.open_connection(self._host, self._port)
+            except TimeoutError:
+                self._waiting(
+                    f"no answer within {CONNECT_TIMEOUT_S:g} s (wrong kv_ip, or a firewall drops "
+                    "the port)",
+                    alarming=True,
+                )
+                continue
+            except OSError as exc:
+                self._waiting(f"cannot connect ({exc.strerror or exc})")
+                await asyncio.sleep(RETRY_S)
+                continue
+            try:
+                await self._session(reader, writer)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._waiting(f"side channel failed ({exc!r})")
+            finally:
+                self._writer = None
+                writer.close()
+            await asyncio.sleep(RETRY_S)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(_line({"hello": "client", "nc_offset": self._nc_offset}))
+        reply = orjson.loads(await reader.readline() or b"{}")
+        if "refused" in reply:
+            self._waiting(f"refused: {reply['refused']}", alarming=True)
+            return
+        if reply.get("hello") != "server":
+            self._waiting("the peer closed the connection during the handshake")
+            return
+        log.info(
+            "KV handshake: paired with the producer at %s (its nc offset %s)",
+            self._address,
+            reply.get("nc_offset"),
+        )
+        self._logged_reason = None
+        self.paired.set()
+        self._writer = writer
+        for tag, (engine_id, _) in self._pending.items():  # lookups lost with a previous peer
+            self._send({"lookup": engine_id, "tag": tag})
+        while line := await reader.readline():
+            message = orjson.loads(line)
+            pending = self._pending.pop(int(message["tag"]), None)
+            if pending is not None and not pending[1].done():
+                pending[1].set_result((int(message["token_id"]), int(message["num_tokens"])))
+        self._waiting("the producer went away; pairing again", alarming=True)

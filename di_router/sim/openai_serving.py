@@ -6,6 +6,7 @@ The response shapes follow vLLM 0.7.2's `serving_completion.py` / `serving_chat.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,19 +15,25 @@ from typing import Any
 import orjson
 from quart import Response, request
 
-from di_router.sim.engine import Engine, Role
+from di_router.sim.engine import Engine
 from di_router.sim.protocol import CompletionRequest, ParsedRequest, RequestError, parse_request
 from di_router.sim.responses import ResponseHead, usage
 from di_router.sim.sequence import Sequence, SequenceError
 from di_router.sim.server import SimServer
 from di_router.sim.tokenizer import prompt_key
-from di_router.wire.errors import error_body, stream_error_payload
+from di_router.wire.errors import error_body
 from di_router.wire.responses import json_response
 from di_router.wire.sse import DONE_EVENT, SSE_CONTENT_TYPE, encode_event
 
 
-def error_response(status: int, message: str, param: str | None = None) -> Response:
-    return json_response(error_body(status, message, param), status)
+def error_response(status: int, message: str) -> Response:
+    return json_response(error_body(status, message), status)
+
+
+def streaming_error_event(message: str) -> bytes:
+    """`create_streaming_error_response` (`serving_engine.py`): whatever failed, the event is a
+    BadRequestError with code 400, serialised by `json.dumps` (with its spaces)."""
+    return encode_event(json.dumps({"error": error_body(400, message)}).encode())
 
 
 def _fail_request(engine: Engine, seqs: list[Sequence]) -> None:
@@ -46,15 +53,15 @@ async def generate(server: SimServer, chat: bool) -> Response:
             payload,
             chat,
             settings.max_model_len,
-            producer=settings.role is Role.PREFILL,
             served_models=settings.served_model_names or (settings.model,),
         )
     except RequestError as exc:
-        return error_response(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message)
 
     base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    # `model` is served_model_name[0] whatever alias the request used (OpenAIServingModels).
     head = ResponseHead(
-        f"{'chatcmpl' if chat else 'cmpl'}-{base_id}", int(time.time()), parsed.body.model, chat
+        f"{'chatcmpl' if chat else 'cmpl'}-{base_id}", int(time.time()), settings.model_name, chat
     )
     engine = server.engine
     assert engine is not None
@@ -126,17 +133,24 @@ async def _stream(
             index, out = await outputs.get()
             if isinstance(out, SequenceError):
                 _fail_request(engine, seqs)
-                yield encode_event(orjson.dumps(stream_error_payload(out.status, out.message)))
+                yield streaming_error_event(out.message)
                 break
             sent[index] += 1
             first = sent[index] == 1
+            if first and parsed.body.echo and not head.chat:
+                # completion_stream_generator asserts prompt_logprobs, which only `logprobs`
+                # (unsupported here) requests: the AssertionError's empty text is the message.
+                yield streaming_error_event("")
+                break
             running_usage = None
             if parsed.continuous_usage:
-                running_usage = usage(prompt_tokens, sum(sent), details=False)
+                # Per prompt and per choice, with `prompt_tokens_details` (completions).
+                own = seqs[index].prompt_tokens
+                running_usage = usage(own, sent[index], details=not head.chat)
             if head.chat and first:
                 role_usage = usage(prompt_tokens, 0, details=False) if running_usage else None
                 yield encode_event(orjson.dumps(head.chunk([head.role_choice(index)], role_usage)))
-            text = (_echo(parsed, seqs[index]) if first else "") + out.text
+            text = out.text
             choice = head.token_choice(index, text, out.finish_reason, out.stop_reason)
             yield encode_event(orjson.dumps(head.chunk([choice], running_usage)))
             done += out.finish_reason is not None

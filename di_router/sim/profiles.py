@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class TimingProfile:
         return self.kv_setup_ms / 1e3 + wire_bytes / (self.link_gbps * 1e9 * self.link_efficiency)
 
     def with_overrides(self, **overrides: float | None) -> TimingProfile:
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **changes)
 
 
 PROFILES: dict[str, TimingProfile] = {

@@ -14,13 +14,13 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 class RequestError(Exception):
-    """A client error, reported as an OpenAI error with this status."""
+    """A client error, reported as an OpenAI error with this status (`param` is always null in
+    vLLM 0.7.2: `create_error_response` never sets it)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
 
 
 class StreamOptions(BaseModel):
@@ -81,69 +81,52 @@ class ParsedRequest:
     continuous_usage: bool
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+def _validation_message(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
-    return f"{param}: {err['msg']}" if param else err["msg"], param
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
 
 
 def parse_request(
-    payload: Any,
-    chat: bool,
-    max_model_len: int,
-    producer: bool,
-    served_models: tuple[str, ...] = (),
+    payload: Any, chat: bool, max_model_len: int, served_models: tuple[str, ...] = ()
 ) -> ParsedRequest:
-    """Schema errors (400), then an unknown model (404), then the semantic checks, as vLLM."""
+    """Schema errors (400), then an unknown model (404), then the semantic checks, as vLLM.
+
+    A KV producer accepts any `max_tokens`, as vLLM does: it generates them all and keeps the
+    finished sequence's KV pinned until a consumer pulls it.
+    """
     model_cls = ChatCompletionRequest if chat else CompletionRequest
     if not isinstance(payload, dict):
         raise RequestError(400, "The request body must be a JSON object.")
     try:
         body = model_cls.model_validate(payload)
     except ValidationError as exc:
-        message, param = _validation_message(exc)
-        raise RequestError(400, message, param) from None
+        raise RequestError(400, _validation_message(exc)) from None
     if served_models and body.model not in served_models:
-        raise RequestError(404, f"The model `{body.model}` does not exist.", "model")
+        raise RequestError(404, f"The model `{body.model}` does not exist.")
 
     prompts = _chat_prompt(body) if chat else _completion_prompts(body)  # type: ignore[arg-type]
     _check_unsupported(body)
-    max_tokens = body.max_tokens
-    if chat and body.max_completion_tokens is not None:  # type: ignore[union-attr]
-        max_tokens = body.max_completion_tokens  # type: ignore[union-attr]
+    if chat:  # serving_engine._validate_input: `max_completion_tokens or max_tokens`
+        requested = body.max_completion_tokens or body.max_tokens  # type: ignore[union-attr]
+    else:
+        requested = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     longest = max(p.num_tokens for p in prompts)
-    if max_tokens is None:
-        max_tokens = max_model_len - longest if chat else COMPLETION_DEFAULT_MAX_TOKENS
-    _check_lengths(longest, max_tokens, max_model_len, chat)
-    if max_tokens < 1:
-        raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
-    if body.min_tokens < 0 or body.min_tokens > max_tokens:
-        raise RequestError(
-            400,
-            f"min_tokens must be greater than or equal to 0 and less than or equal to "
-            f"max_tokens={max_tokens}, got {body.min_tokens}.",
-            "min_tokens",
-        )
-    if body.temperature is not None and body.temperature < 0:
-        raise RequestError(400, f"temperature must be non-negative, got {body.temperature}.")
-    if producer and max_tokens != 1:
-        raise RequestError(
-            400,
-            f"This server is a KV producer (prefill): max_tokens must be 1, got {max_tokens}.",
-            "max_tokens",
-        )
+    _check_lengths(longest, requested, max_model_len)
+    max_tokens = max_model_len - longest if requested is None else requested
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    _verify_sampling(body, max_tokens, stop)
     stream = bool(body.stream)
     if body.stream_options is not None and not stream:
         raise RequestError(400, "Stream options can only be defined when `stream=True`.")
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     params = SamplingParams(
         max_tokens=max_tokens,
         min_tokens=body.min_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         seed=body.seed,
-        stop=tuple(s for s in stop if s),
+        stop=stop,
         stop_token_ids=frozenset(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         include_stop_str_in_output=body.include_stop_str_in_output,
@@ -160,7 +143,7 @@ def parse_request(
 
 def _completion_prompts(body: CompletionRequest) -> list[PromptJob]:
     if body.suffix is not None:
-        raise RequestError(400, "suffix is not currently supported", "suffix")
+        raise RequestError(400, "suffix is not currently supported")
     prompt = body.prompt
     if isinstance(prompt, str):
         items: list[str | list[int]] = [prompt]
@@ -169,7 +152,7 @@ def _completion_prompts(body: CompletionRequest) -> list[PromptJob]:
     else:
         items = list(prompt)  # type: ignore[arg-type]
     if not items:
-        raise RequestError(400, "prompt must not be empty.", "prompt")
+        raise RequestError(400, "prompt must not be empty.")
     return [
         PromptJob(item, prompt_token_count(item), item if isinstance(item, str) else "")
         for item in items
@@ -183,20 +166,52 @@ def _chat_prompt(body: ChatCompletionRequest) -> list[PromptJob]:
 
 def _check_unsupported(body: _SamplingFields) -> None:
     if body.n != 1:
-        raise RequestError(400, "n > 1 is not supported by the simulator.", "n")
+        raise RequestError(400, "n > 1 is not supported by the simulator.")
     if body.best_of not in (None, 1) or body.use_beam_search:
         raise RequestError(400, "best_of and beam search are not supported by the simulator.")
     if getattr(body, "logprobs", None):
-        raise RequestError(400, "logprobs are not supported by the simulator.", "logprobs")
+        raise RequestError(400, "logprobs are not supported by the simulator.")
 
 
-def _check_lengths(prompt_len: int, max_tokens: int, max_model_len: int, chat: bool) -> None:
-    if prompt_len + max_tokens > max_model_len or prompt_len >= max_model_len:
-        where = "messages" if chat else "prompt"
+def _check_lengths(prompt_len: int, max_tokens: int | None, max_model_len: int) -> None:
+    """`serving_engine._validate_input`: the message says "messages" for completions too."""
+    head = f"This model's maximum context length is {max_model_len} tokens. However, you requested"
+    if max_tokens is None:
+        if prompt_len >= max_model_len:
+            raise RequestError(
+                400,
+                f"{head} {prompt_len} tokens in the messages, "
+                "Please reduce the length of the messages.",
+            )
+    elif prompt_len + max_tokens > max_model_len:
         raise RequestError(
             400,
-            f"This model's maximum context length is {max_model_len} tokens. However, you "
-            f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {where}, "
-            f"{max_tokens} in the completion). Please reduce the length of the {where} or "
+            f"{head} {prompt_len + max_tokens} tokens ({prompt_len} in the messages, "
+            f"{max_tokens} in the completion). Please reduce the length of the messages or "
             "completion.",
         )
+
+
+def _verify_sampling(body: _SamplingFields, max_tokens: int, stop: tuple[str, ...]) -> None:
+    """`SamplingParams._verify_args`, in its order and with its messages (before greedy
+    sampling resets top_p/top_k, so `top_p: 0` fails even with temperature 0)."""
+    if body.temperature is not None and body.temperature < 0:
+        raise RequestError(400, f"temperature must be non-negative, got {body.temperature}.")
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:
+        raise RequestError(400, f"top_p must be in (0, 1], got {body.top_p}.")
+    if body.top_k is not None and (body.top_k < -1 or body.top_k == 0):
+        raise RequestError(400, f"top_k must be -1 (disable), or at least 1, got {body.top_k}.")
+    if max_tokens < 1:
+        raise RequestError(400, f"max_tokens must be at least 1, got {max_tokens}.")
+    if body.min_tokens < 0:
+        raise RequestError(
+            400, f"min_tokens must be greater than or equal to 0, got {body.min_tokens}."
+        )
+    if body.min_tokens > max_tokens:
+        raise RequestError(
+            400,
+            f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
+            f"got {body.min_tokens}.",
+        )
+    if any(not s for s in stop):
+        raise RequestError(400, "stop cannot contain an empty string.")

@@ -67,7 +67,7 @@ class ResponseHead:
         self, index: int, text: str, finish_reason: str | None, stop_reason: str | int | None
     ) -> dict[str, Any]:
         if self.chat:
-            message = {
+            message: dict[str, Any] = {
                 "role": "assistant",
                 "reasoning_content": None,
                 "content": text,

@@ -67,6 +67,11 @@ class Sequence:
     )
     finished: bool = False
     aborted: bool = False
+    kv_pending: bool = False
+    """Producer: its KV has not left yet, so a finished sequence keeps its slot."""
+    arrived_at: float = 0.0
+    scheduled_at: float = 0.0
+    first_token_at: float = 0.0
     last_token_at: float = 0.0
 
     def __post_init__(self) -> None:

@@ -21,7 +21,11 @@ class SimSettings:
     api_key: str | None = None
     kv_config: KVTransferConfig | None = None
     profile: TimingProfile = PROFILES["instant"]
-    kv_timeout_s: float = 30.0
+    kv_timeout_s: float = 0.0
+    """0: a consumer waits for its KV forever, as vLLM does."""
+    abort_transferring: bool = False
+    kv_handshake_timeout_s: float = 0.0
+    """0: wait for the peer forever, as vLLM does."""
     kv_entry_ttl_s: float = 0.0
     eos_probability: float = 0.0
     faults: FaultSettings = field(default_factory=FaultSettings)

@@ -19,6 +19,7 @@ from tests.launcher.launcher_helpers import (
     launcher_env,
     wait_until,
 )
+from tests.support import start_sim
 
 MODEL = "llama-3.3-70b"
 CHILDREN = ("prefill", "decode", "router")
@@ -167,3 +168,23 @@ def test_health_wait_is_bounded_and_names_what_did_not_come_up() -> None:
         ), output
         for name, pid in running.pids().items():
             assert not alive(pid), f"{name} still running"
+
+
+def test_a_decode_server_that_never_pairs_is_reported_with_the_reason() -> None:
+    """A stale consumer (an earlier stack's decode server, still retrying) pairs with the new
+    prefill server first; the new decode is refused and never binds HTTP. `up` says why."""
+    kv_port = free_port()
+    stale = start_sim("decode", kv_port=kv_port, name="stale-decode")
+    try:
+        with up("--sim-profile", "instant", "--kv-port", str(kv_port), "--ready-timeout", "5") as u:
+            assert u.wait_exit() == 1
+            output = u.output()
+        assert "[up] prefill is healthy" in output, output
+        assert re.search(
+            r"\[up\] decode never paired over the KV side channel: .*KV handshake: waiting to "
+            rf"pair with the producer at 127\.0\.0\.1:{kv_port} \(kv_ip:kv_port\): refused: this "
+            r"producer is already paired with the consumer at 127\.0\.0\.1:\d+",
+            output,
+        ), output
+    finally:
+        stale.stop()

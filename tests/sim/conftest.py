@@ -45,7 +45,7 @@ def start_pair(
 @pytest.fixture(scope="session")
 def trio() -> Iterator[tuple[Proc, Proc, Proc]]:
     """baseline, prefill, decode on the instant profile; other tests count by deltas."""
-    prefill, decode = start_pair(decode_extra=["--sim-kv-timeout", "1"])
+    prefill, decode = start_pair()
     with running(start_sim("baseline"), prefill, decode) as procs:
         yield procs  # type: ignore[misc]
 
@@ -129,6 +129,25 @@ def timed_events(
     return sent, arrivals, raw
 
 
+def open_then_close(proc, path: str, body: dict, events: int, rid: str | None = None) -> bytes:
+    """Open a stream, read `events` SSE events (0: headers only), then drop the connection."""
+    raw = b""
+    headers = {"X-Request-Id": rid} if rid else {}
+    with (
+        httpx.Client(timeout=30) as client,
+        client.stream(
+            "POST", proc.url + path, json={**body, "stream": True}, headers=headers
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        if events:
+            for data in resp.iter_raw():
+                raw += data
+                if raw.count(b"\n\n") >= events:
+                    break
+    return raw
+
+
 # -- observation ---------------------------------------------------------------------------------
 def metrics(proc: Proc) -> dict[str, float]:
     """Every sample of /metrics by name (labels dropped: one model per server)."""
@@ -143,6 +162,7 @@ __all__ = [
     "completion_body",
     "kv_config",
     "metrics",
+    "open_then_close",
     "paired",
     "post",
     "sim_proc",

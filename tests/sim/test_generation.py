@@ -59,12 +59,12 @@ def test_chat_max_completion_tokens_wins_over_max_tokens(trio):
 
 
 def test_chat_default_max_tokens_fills_the_context(trio):
-    # No max_tokens: vLLM 0.7.2 uses max_model_len - prompt (so a prefill server rejects it).
+    # No max_tokens: vLLM 0.7.2 uses max_model_len - prompt.
     body = chat_body("hi", 1)
     del body["max_tokens"]
-    resp = post(trio[1], CHAT, body)
-    assert resp.status_code == 400 and "max_tokens must be 1" in resp.json()["message"]
-    assert "8183" in resp.json()["message"]  # 8192 - 9 prompt tokens
+    resp = post(trio[0], CHAT, body)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 8183  # 8192 - 9 prompt tokens
 
 
 def test_completion_default_max_tokens_is_16(trio):

@@ -15,6 +15,7 @@ from tests.sim.conftest import (
     chat_body,
     completion_body,
     metrics,
+    open_then_close,
     post,
     start_pair,
 )
@@ -92,30 +93,11 @@ def _wait_aborted(proc, before: int) -> dict:
     )
 
 
-def _open_then_close(proc, path: str, body: dict, events: int, rid: str | None = None) -> bytes:
-    """Open a stream, read `events` SSE events (0: headers only), then drop the connection."""
-    raw = b""
-    headers = {"X-Request-Id": rid} if rid else {}
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "POST", proc.url + path, json={**body, "stream": True}, headers=headers
-        ) as resp,
-    ):
-        assert resp.status_code == 200
-        if events:
-            for data in resp.iter_raw():
-                raw += data
-                if raw.count(b"\n\n") >= events:
-                    break
-    return raw
-
-
 @pytest.mark.parametrize("path", [COMPLETIONS, CHAT])
 def test_disconnect_mid_decode_aborts_and_frees_the_slot(slow, path):
     before = sim_stats(slow)["aborted"]
     body = chat_body("long", 200) if path == CHAT else completion_body("long", 200)
-    raw = _open_then_close(slow, path, body, events=1)
+    raw = open_then_close(slow, path, body, events=1)
     assert raw.count(b"\n\n") == 1 and b"[DONE]" not in raw
     stats = _wait_aborted(slow, before)
     assert stats["running"] == 0 and stats["waiting"] == 0
@@ -124,7 +106,7 @@ def test_disconnect_mid_decode_aborts_and_frees_the_slot(slow, path):
 
 def test_disconnect_during_prefill_frees_the_slot(slow):
     before = sim_stats(slow)["aborted"]
-    _open_then_close(slow, COMPLETIONS, completion_body("abort in prefill", 50), events=0)
+    open_then_close(slow, COMPLETIONS, completion_body("abort in prefill", 50), events=0)
     _wait_aborted(slow, before)
 
 
@@ -135,15 +117,16 @@ def test_disconnect_of_non_streaming_request_aborts(slow):
     _wait_aborted(slow, before)
 
 
-def test_disconnect_while_waiting_for_kv_frees_the_consumer_slot():
-    prefill, decode = start_pair(decode_extra=["--sim-kv-timeout", "30"])
+def test_abort_transferring_flag_frees_a_consumer_slot_waiting_for_kv():
+    """`--sim-abort-transferring` departs from vLLM (test_neuron_semantics pins the default)."""
+    prefill, decode = start_pair(decode_extra=["--sim-abort-transferring"])
     with running(prefill, decode):
-        _open_then_close(decode, COMPLETIONS, completion_body("never prefilled", 8), 0, "gone")
+        open_then_close(decode, COMPLETIONS, completion_body("never prefilled", 8), 0, "gone")
         stats = _wait_aborted(decode, 0)
-        assert stats["transferring"] == 0
-        # The consumer's pending pull was dropped: a later prefill entry for it is not pulled.
+        assert stats["transferring"] == 0 and stats["aborts_ignored"] == 0
+        # The consumer's pending lookup was cancelled: a later prefill entry for it stays.
         post(prefill, COMPLETIONS, completion_body("never prefilled", 1), "gone")
-        assert sim_stats(prefill)["kv"]["pulled"] == 0
+        assert sim_stats(prefill)["kv"] == {"produced": 1, "pulled": 0, "expired": 0, "pending": 1}
 
 
 # -- load ----------------------------------------------------------------------------------------
