@@ -32,6 +32,10 @@ def make_app(upstream: str) -> Quart:
     async def close_pool() -> None:
         await sessions[0].close()
 
+    @app.get("/health")
+    async def health() -> str:
+        return ""
+
     @app.post("/v1/completions")
     @app.post("/v1/chat/completions")
     async def relay() -> Response:

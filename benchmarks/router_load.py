@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import resource
 import shlex
@@ -58,13 +59,13 @@ class Load:
 
 def loads(quick: bool) -> tuple[list[Load], list[Load]]:
     """(loads on undelayed backends, loads on backends with 20 ms decode steps)."""
-    window = 2.0 if quick else 10.0
+    window = 1.5 if quick else 10.0
     fast = [
-        Load("c1", 1, 16, requests=50 if quick else 300),
+        Load("c1", 1, 16, requests=40 if quick else 300),
         Load("c64", 64, 16, duration_s=window),
         Load("c256", 256, 16, duration_s=window),
     ]
-    return fast, [Load("1000 streams", 1000, 100, requests=1000 if quick else 3000)]
+    return fast, [Load("1000 streams", 1000, 100, requests=1000 if quick else 2000)]
 
 
 def wait_listening(servers: list[Server], timeout_s: float = stack.READY_TIMEOUT_S) -> None:
@@ -124,7 +125,7 @@ def backends_and_proxies(
         else:
             router_argv = stack.router_argv(proxy_ports["port"], ports["prefill"], ports["decode"])
         start("router", router_argv, proxy_ports["port"])
-        waiting = [servers["floor"]]
+        waiting: list[Server] = []
         if args.neuron_proxy:
             neuron_ports = {**proxy_ports, "port": stack.free_port()}
             if "{port}" not in args.neuron_proxy:
@@ -132,6 +133,7 @@ def backends_and_proxies(
             start("neuron", fill(args.neuron_proxy, neuron_ports), neuron_ports["port"])
             waiting.append(servers["neuron"])
         wait_listening(waiting)
+        stack.wait_ready([servers["floor"]], "/health")
         stack.wait_ready([servers["router"]], "/ready")
         yield servers
 
@@ -200,7 +202,7 @@ def run_set(
         targets = [t for t in TARGETS if t == "direct" or t in servers]
         urls = {t: servers["baseline" if t == "direct" else t].url for t in targets}
         watch = DownWatch(servers["router"].url)
-        for load in set_loads:
+        for load, round_ in itertools.product(set_loads, range(1, args.rounds + 1)):
             for target in targets:
                 proc = servers["baseline" if target == "direct" else target]
                 cpu = stack.cpu_seconds(proc.pid)
@@ -208,6 +210,7 @@ def run_set(
                     measure(urls[target], load, args.quick, watch if target == "router" else None)
                 )
                 row = {
+                    "round": round_,
                     "load": load.name,
                     "target": target,
                     **result.to_dict(),
@@ -268,19 +271,38 @@ def ratios(rows: list[dict[str, Any]], peak_rss: dict[str, int], down: list[str]
     ]  # fmt: skip
 
 
+def targets(
+    rows: list[dict[str, Any]], peak_rss: dict[str, int], down: list[str], rounds: int
+) -> list[dict[str, Any]]:
+    """Each target with its value in every round (ratios within a round are interleaved)."""
+    per_round = [ratios([r for r in rows if r["round"] == n], peak_rss, down) for n in
+                 range(1, rounds + 1)]  # fmt: skip
+    return [
+        {"what": what, "measured": [items[i][1] for items in per_round], "target": target}
+        for i, (what, _, target) in enumerate(per_round[0])
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="shorter runs: under 2 minutes")
-    p.add_argument("--backends", default="zero,instant", help="comma-separated: zero, instant")
+    p.add_argument(
+        "--backends", help="comma-separated from zero, instant (zero,instant; quick: zero)"
+    )
     p.add_argument(
         "--neuron-proxy",
         help="command line of Neuron's router, with {port}, {prefill_port}, {decode_port}, "
         "{host} filled in (without {port} it must listen on 8000)",
     )
     p.add_argument("--router-cmd", help="another router command line, same placeholders")
+    p.add_argument("--rounds", type=int, help="interleaved repeats of each load (2; quick: 1)")
     p.add_argument("--step-ms", type=float, default=20.0, help="decode step at 1,000 streams")
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    if args.backends is None:
+        args.backends = "zero" if args.quick else "zero,instant"
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 1,000 streams, 2 sockets each
@@ -302,19 +324,18 @@ def main(argv: list[str] | None = None) -> int:
             "down_seen": down,
             "metrics_scrapes": first["scrapes"] + second["scrapes"],
             "metrics_scrape_failures": first["scrape_failures"] + second["scrape_failures"],
-            "targets": [{"what": w, "measured": m, "target": t} for w, m, t in
-                        ratios(rows, peak, down)],
+            "targets": targets(rows, peak, down, args.rounds),
         }  # fmt: skip
 
     for kind, res in results.items():
         print(f"\n### {kind} backends\n")
         table = [
-            [r["load"], r["target"], r["ok"], r["errors"], r["requests_per_s"],
+            [r["load"], r["round"], r["target"], r["ok"], r["errors"], r["requests_per_s"],
              r["ttft_p50_s"] * 1e3, r["ttft_p99_s"] * 1e3, r["server_cpu_cores"],
              r["client_cpu_cores"]]
             for r in res["rows"]
         ]  # fmt: skip
-        headers = ["load", "target", "ok", "err", "req/s", "TTFT p50 ms", "TTFT p99 ms"]
+        headers = ["load", "round", "target", "ok", "err", "req/s", "TTFT p50 ms", "TTFT p99 ms"]
         print(report.markdown_table([*headers, "server CPU", "client CPU"], table))
         print()
         rss = ", ".join(f"{t} {b / 1e6:.0f} MB" for t, b in res["peak_rss_bytes"].items())
@@ -323,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
               f"failed: {res['metrics_scrape_failures']}\n")  # fmt: skip
         print(report.markdown_table(
             ["target of issue 8", "measured", "target"],
-            [[t["what"], t["measured"], t["target"]] for t in res["targets"]],
+            [[t["what"], " / ".join(report.fmt(m) for m in t["measured"]), t["target"]]
+             for t in res["targets"]],
         ))  # fmt: skip
     report.write_json(
         args.output,
