@@ -108,7 +108,7 @@ class Completion:
         model = body.get("model")
         trace.model = model if isinstance(model, str) else None
         try:
-            view = read_request(body)
+            view = read_request(body, self.chat)
         except InvalidField as exc:
             return await self._reject(400, exc.message, exc.param or None), Outcome.CLIENT_ERROR
         trace.stream = view.streaming
@@ -225,7 +225,7 @@ class Completion:
 
     async def _record(self, status: int, outcome: Outcome) -> None:
         trace = self.trace
-        if self.exchange is not None:
+        if self.exchange is not None and outcome is Outcome.OK:
             await self.exchange.tail(_PREFILL_TAIL_S)
         trace.finished = time.perf_counter()
         trace.status, trace.outcome = status, outcome

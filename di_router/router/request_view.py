@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, model_validator
+
+_COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 class StreamOptions(BaseModel):
@@ -37,13 +39,18 @@ class RequestView(BaseModel):
     prompt: Any = None
 
     @model_validator(mode="after")
-    def _token_limits(self) -> RequestView:
-        """vLLM's SamplingParams checks, with its messages."""
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}.")
-        limit = self.max_completion_tokens or self.max_tokens
+    def _token_limits(self, info: ValidationInfo) -> RequestView:
+        """vLLM 0.7.2's checks, with its messages: chat reads `max_completion_tokens or
+        max_tokens` (so 0 falls back), completions ignore `max_completion_tokens` and default
+        `max_tokens` to 16."""
+        chat = bool(info.context and info.context.get("chat"))
+        limit = self.max_tokens
+        if chat and self.max_completion_tokens:
+            limit = self.max_completion_tokens
+        if limit is not None and limit < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {limit}.")
+        if limit is None and not chat:
+            limit = _COMPLETIONS_DEFAULT_MAX_TOKENS
         if self.min_tokens is not None:
             if self.min_tokens < 0:
                 raise ValueError(
@@ -76,10 +83,10 @@ class InvalidField(Exception):
         self.message = message
 
 
-def read_request(body: dict[str, Any]) -> RequestView:
+def read_request(body: dict[str, Any], chat: bool = False) -> RequestView:
     """The router's view of a body; InvalidField names the first field vLLM would refuse."""
     try:
-        return RequestView.model_validate(body)
+        return RequestView.model_validate(body, context={"chat": chat})
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"])
@@ -96,7 +103,7 @@ def di_unsupported(view: RequestView, chat: bool) -> tuple[str, str] | None:
         return "best_of", "best_of > 1 is not supported with disaggregated inference"
     if view.use_beam_search:
         return "use_beam_search", "beam search is not supported with disaggregated inference"
-    if view.prompt_logprobs:
+    if view.prompt_logprobs is not None:
         return "prompt_logprobs", (
             "prompt_logprobs cannot be computed: the decode server skips the prompt's forward "
             "pass when it receives the KV cache"

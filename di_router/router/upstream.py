@@ -73,7 +73,10 @@ def normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
         body.get("object") == "error" or isinstance(body.get("error"), dict)
     ):
         return body
-    detail = body.get("error") if isinstance(body, dict) else raw[:500].decode(errors="replace")
+    if isinstance(body, dict):
+        detail = body.get("error") or body.get("detail")  # FastAPI's own errors use "detail"
+    else:
+        detail = raw[:500].decode(errors="replace")
     return error_body(status, str(detail or f"upstream answered HTTP {status}"))
 
 
@@ -84,7 +87,7 @@ def _status_error(role: str, status: int, raw: bytes, location: str | None) -> U
     if 400 <= status < 500:
         return UpstreamError(role, status, f"http_{status}", body)
     inner = body.get("error", body)
-    said = inner.get("message") if isinstance(inner, dict) else None
+    said = inner.get("message") if isinstance(inner, dict) and raw.strip() else None
     what = f"{role} server failed with HTTP {status}"
     if 300 <= status < 400:
         what = f"{role} server answered with a redirect (HTTP {status})"

@@ -40,6 +40,8 @@ class SSEDecoder:
         start = 0
         search = max(self._scanned - 1, 0)
         while (end := buffer.find(b"\n\n", search)) >= 0:
+            if end - start > self._max:
+                raise EventTooLarge(f"an event is larger than {self._max} bytes")
             if data := _data_of(bytes(buffer[start:end])):
                 events.append(data)
             start = search = end + 2

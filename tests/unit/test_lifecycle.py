@@ -261,13 +261,6 @@ async def test_client_leaving_before_the_first_token_is_499_decode_held_until_it
     assert len(router.prefill.calls) == 1  # prefill had produced: nothing to rescue
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lifecycle.py:229: _record waits up to _PREFILL_TAIL_S (1 s) for prefill's usage "
-    "chunk whenever prefill has not finished (a client gone before the first token, decode's "
-    "error before it), so the 499 (access line, in-flight gauge, admission place) lags by up "
-    "to 1 s; the README says '499 in the access log at once'",
-)
 async def test_client_leaving_before_the_first_token_is_recorded_at_once(
     make_router: Callable[..., Router],
 ) -> None:

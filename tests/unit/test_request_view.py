@@ -63,9 +63,10 @@ def test_type_errors_name_the_field(body: dict[str, Any], param: str) -> None:
     ],
 )  # fmt: skip
 def test_token_limits_with_vllm_messages(body: dict[str, Any], message: str) -> None:
-    """Checks across fields name no single field (the client error's `param` is null)."""
+    """Checks across fields name no single field (the client error's `param` is null). Chat
+    reads `max_completion_tokens or max_tokens`, as vLLM 0.7.2 does."""
     with pytest.raises(InvalidField) as info:
-        read_request(body)
+        read_request(body, chat=True)
     assert (info.value.param, info.value.message) == ("", message)
 
 
@@ -75,15 +76,17 @@ def test_token_limits_with_vllm_messages(body: dict[str, Any], message: str) -> 
      {"max_tokens": 1}, {"max_completion_tokens": 2, "max_tokens": 50, "min_tokens": 2}],
 )  # fmt: skip
 def test_token_limits_vllm_accepts(body: dict[str, Any]) -> None:
-    read_request(body)
+    read_request(body, chat=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request_view.py:42: max_completion_tokens=0 is refused, but vLLM 0.7.2 reads "
-    "`max_completion_tokens or max_tokens` for chat (0 falls back to max_tokens) and ignores "
-    "the field on completions",
-)
+def test_completions_ignore_max_completion_tokens_and_default_max_tokens_to_16() -> None:
+    """vLLM 0.7.2's CompletionRequest has no `max_completion_tokens` and `max_tokens` = 16."""
+    read_request({"min_tokens": 5, "max_tokens": 10, "max_completion_tokens": 3})
+    with pytest.raises(InvalidField) as info:
+        read_request({"min_tokens": 50})
+    assert info.value.message == "min_tokens must be less than or equal to max_tokens=16, got 50."
+
+
 def test_zero_max_completion_tokens_falls_back_to_max_tokens() -> None:
     assert read_request({"max_completion_tokens": 0, "max_tokens": 5}).max_tokens == 5
 
@@ -125,12 +128,6 @@ def test_supported_fields_pass(body: dict[str, Any], chat: bool) -> None:
     assert di_unsupported(read_request(body), chat) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="request_view.py:99: `if view.prompt_logprobs:` lets prompt_logprobs=0 through, but "
-    "vLLM computes prompt logprobs whenever the field is not None (0 means the prompt "
-    "token's own logprob), which the decode server cannot do",
-)
 def test_prompt_logprobs_zero_is_unsupported() -> None:
     problem = di_unsupported(read_request({"prompt_logprobs": 0}), chat=False)
     assert problem is not None and problem[0] == "prompt_logprobs"

@@ -96,11 +96,6 @@ def test_the_cap_is_per_event_not_per_stream() -> None:
     assert events == [b"x" * 900] * 50
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wire/sse.py:49: the cap is checked on the incomplete remainder only, so an event "
-    "larger than max_event_bytes passes when it completes in the chunk that crosses the cap",
-)
 def test_event_over_the_cap_raises_whatever_the_split() -> None:
     """Whether a stream is accepted must not depend on TCP segmentation."""
     stream = encode_event(b"x" * 1500)

@@ -39,7 +39,7 @@ def test_openai_error_bodies_kept_as_they_are(body: dict[str, object]) -> None:
         (401, b'{"error": "Unauthorized"}', "Unauthorized"),  # vLLM's --api-key answer
         (500, b"Internal Server Error", "Internal Server Error"),
         (502, b"", "upstream answered HTTP 502"),
-        (404, b'{"detail": "Not Found"}', "upstream answered HTTP 404"),
+        (404, b'{"detail": "Not Found"}', "Not Found"),
         (500, b"[1, 2]", "[1, 2]"),
         (503, b"\xff\xfe oops", "\ufffd\ufffd oops"),
     ],
