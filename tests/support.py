@@ -145,23 +145,29 @@ def di_stack(
     router_stderr: Path | None = None,
 ) -> Iterator[DIStack]:
     """Prefill and decode sims (`None`: a dead address instead) and a router, plus optionally a
-    baseline sim with the same `sim_extra`. With both backends alive, waits for /ready."""
+    baseline sim with the same `sim_extra`. With both backends alive, waits for /ready.
+
+    A server serves only once paired with its KV peer (as Neuron's do), so a "dead" backend is
+    started, paired and then stopped: its peer is left as after a crash of the other side."""
     kv_port = free_port()
     procs: list[Proc] = []
 
-    def sim(role: str, extra: Sequence[str] | None) -> Proc | DeadBackend:
-        if extra is None:
-            return DeadBackend.make()
-        procs.append(start_sim(role, kv_port=kv_port, extra=[*sim_extra, *extra]))
+    def sim(role: str, extra: Sequence[str] | None) -> Proc:
+        procs.append(start_sim(role, kv_port=kv_port, extra=[*sim_extra, *(extra or ())]))
         return procs[-1]
 
     base = sim("baseline", ()) if baseline else None
     prefill, decode = sim("prefill", prefill_extra), sim("decode", decode_extra)
     router = start_router(prefill, decode, [*ROUTER_TEST_FLAGS, *router_extra], env, router_stderr)
     with running(*procs, router):
+        backends: dict[str, Proc | DeadBackend] = {"prefill": prefill, "decode": decode}
+        for role, extra in (("prefill", prefill_extra), ("decode", decode_extra)):
+            if extra is None:
+                backends[role].stop()  # type: ignore[union-attr]
+                backends[role] = DeadBackend(backends[role].url)
         if prefill_extra is not None and decode_extra is not None:
             router.wait_ready("/ready", timeout=15)
-        yield DIStack(prefill, decode, router, kv_port, base, router_stderr)  # type: ignore[arg-type]
+        yield DIStack(backends["prefill"], backends["decode"], router, kv_port, base, router_stderr)
 
 
 @contextlib.contextmanager
