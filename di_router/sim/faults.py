@@ -314,9 +314,14 @@ class FaultInjector:
         }
 
     def _draw(self) -> FaultKind | None:
-        if not self._kinds or self._rng.random() >= self.settings.rate:
+        """One draw per request, so which requests are faulted depends on seed and rate only."""
+        if not self._kinds:
             return None
-        return self._kinds[self._rng.randrange(len(self._kinds))]
+        draw = self._rng.random()
+        if draw >= self.settings.rate:
+            return None
+        pick = int(draw / self.settings.rate * len(self._kinds))  # uniform below the rate
+        return self._kinds[min(pick, len(self._kinds) - 1)]
 
     async def _stall_then_serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Hold the request before the app sees it, like a server too busy to read it.
