@@ -186,7 +186,7 @@ async def test_a_killed_worker_leaves_when_its_lease_expires(etcd: EtcdServer) -
         assert len(follower.published) == 1 and follower.has(NONE, frozenset({B}))
         await asyncio.to_thread(registrar.stop, signal.SIGKILL)
         took = await eventually(lambda: follower.has(NONE, NONE), 6, "the lease to expire")
-        assert took > 0.5, "gone at once: revoked, not expired"
+        assert took > 1.0, "gone at once: revoked, not expired"
     finally:
         registrar.stop(signal.SIGKILL)
         await follower.watcher.stop()
