@@ -137,7 +137,9 @@ CASES = [
     case("chat-messages-string", chat(messages="hi"), 400, CHAT),
     case("chat-messages-empty", chat(messages=[]), 400, CHAT),
     case("chat-messages-numbers", chat(messages=[1, 2]), 400, CHAT),
-    case("chat-max-completion-tokens-zero", chat(max_completion_tokens=0), 400, CHAT),
+    case("chat-max-completion-tokens-negative", chat(max_completion_tokens=-3), 400, CHAT),
+    # vLLM 0.7.2 reads `max_completion_tokens or max_tokens`: 0 falls back to max_tokens
+    case("chat-max-completion-tokens-zero", chat(max_completion_tokens=0), 200, CHAT),
     case("chat-max-completion-tokens-string", chat(max_completion_tokens="x"), 400, CHAT),
     case("chat-min-above-max-completion", chat(min_tokens=9, max_completion_tokens=3), 400, CHAT),
     case("chat-logprobs-string", chat(logprobs="many"), 400, CHAT),

@@ -86,8 +86,8 @@ def stack(module_stack: Stack) -> Iterator[Stack]:
     """The module's stack, with well-behaved backends again after each test."""
     yield module_stack
     module_stack.prefill.handler, module_stack.decode.handler = good_prefill, good_decode
-    for router in (module_stack.tight, module_stack.verbose):
-        wait_until(lambda r=router: in_flight(r) == 0, 10, f"{router.url} idle")
+    routers = (module_stack.tight, module_stack.verbose)
+    wait_until(lambda: not any(in_flight(r) for r in routers), 10, "routers idle")
 
 
 def post(router: Proc, stream: bool, timeout: float = 15, **extra: Any) -> httpx.Response:
@@ -230,7 +230,7 @@ def test_large_event_is_relayed_in_linear_time_and_health_stays_fast(stack: Stac
     payloads = parse_sse(got.content)
     assert [len(p["choices"][0]["text"]) for p in payloads] == [2, size], "not relayed whole"
     assert got.elapsed.total_seconds() < 5, got.elapsed
-    assert slowest < 0.5, f"/health took {slowest:.2f}s during the relay"
+    assert slowest < 1, f"/health took {slowest:.2f}s during the relay"
 
 
 def test_concurrent_large_bodies_cost_about_their_size(stack: Stack) -> None:
@@ -309,7 +309,7 @@ def test_prefill_trickling_after_its_token_does_not_hold_decode_back(stack: Stac
     elapsed = time.monotonic() - start
     payloads = parse_sse(got.content)
     assert "".join(p["choices"][0]["text"] for p in payloads) == " A" + " b" * 19
-    assert elapsed < 1.0, f"the answer took {elapsed:.2f}s"
+    assert elapsed < 3, f"the answer took {elapsed:.2f}s"  # prefill's stream lasts 60 s
 
 
 # -- 9. unhandled upstream cases ---------------------------------------------------------------
