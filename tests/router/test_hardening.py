@@ -140,6 +140,43 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(stack: DIStack) -> None
     assert int(soft_now) == int(hard_now) == hard
 
 
+@pytest.mark.xfail(
+    reason="open: under the descriptor limit about 1 in 3 of 60 concurrent clients has its "
+    "connection closed or reset without an answer and nothing in the router's log (no "
+    "connection cap yet); those that are served get the clear 503",
+    raises=httpx.TransportError,
+)
+def test_out_of_descriptors_is_a_clear_503_and_the_router_recovers(stack: DIStack) -> None:
+    """Under an 80-descriptor limit, 60 concurrent streams cannot all open their two upstream
+    connections: those that cannot get a 503 that says so (errors were misreported as
+    "prefill server refused the connection"), and once they are gone the router serves."""
+    port = free_port()
+    argv = router_argv(port, port_of(stack.prefill.url), port_of(stack.decode.url))
+    router = Proc("router", ["sh", "-c", 'ulimit -n 80 && exec "$@"', "sh", *argv],
+                  f"http://127.0.0.1:{port}")  # fmt: skip
+    with running(router):
+        router.wait_ready("/ready", timeout=15)
+
+        def send(_: int) -> httpx.Response:
+            return httpx.post(
+                router.url + "/v1/completions",
+                content=body(stream=True, max_tokens=20),
+                headers={"Content-Type": "application/json"},
+                timeout=20,
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(60) as pool:
+            answers = list(pool.map(send, range(60)))
+        refused = [a for a in answers if a.status_code != 200]
+        assert refused, "the descriptor limit was never reached"
+        for answer in refused:
+            error = answer.json()
+            assert error["code"] == 503, error
+            assert "out of file descriptors" in error["message"], error
+        wait_until(lambda: in_flight(router) == 0, 5, "in-flight gauge back to 0")
+        assert send(0).status_code == 200
+
+
 def test_slow_bodies_are_cut_at_the_body_timeout(stack: DIStack) -> None:
     """A body sent slowly was allowed the whole decode timeout (600 s), so 1,100 of them used
     up every descriptor. 40 stalled bodies all get their 408 at the body timeout, and the
