@@ -27,9 +27,20 @@ def add_workload_args(p: argparse.ArgumentParser, *, tutorial: bool) -> None:
     """The flags both commands share: llmperf's defaults for `bench`; for `compare` the DI
     tutorial's, left None where `--quick` scales them down."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="model name sent in every request")
-    p.add_argument("--mean-input-tokens", type=int, default=None if tutorial else 550)
+    scaled = " (default: the tutorial's 1024; 256 with --quick)" if tutorial else ""
+    p.add_argument(
+        "--mean-input-tokens",
+        type=int,
+        default=None if tutorial else 550,
+        help="prompt tokens per request, drawn from N(mean, stddev), BOS included" + scaled,
+    )
     p.add_argument("--stddev-input-tokens", type=float, default=0 if tutorial else 150)
-    p.add_argument("--mean-output-tokens", type=int, default=None if tutorial else 150)
+    p.add_argument(
+        "--mean-output-tokens",
+        type=int,
+        default=None if tutorial else 150,
+        help="max_tokens per request, drawn from N(mean, stddev); exact with ignore_eos",
+    )
     p.add_argument("--stddev-output-tokens", type=float, default=None if tutorial else 80)
     p.add_argument(
         "--max-num-completed-requests",
