@@ -152,15 +152,21 @@ class DownWatch:
         while True:
             try:
                 async with session.get(self.url) as response:
-                    text = await response.text()
+                    self.down_seen |= down_backends(await response.text())
                 self.scrapes += 1
-                for family in text_string_to_metric_families(text):
-                    for sample in family.samples:
-                        if sample.name == "di_router_backend_up" and sample.value == 0:
-                            self.down_seen.add(f"{sample.labels['role']} {sample.labels['url']}")
             except (aiohttp.ClientError, TimeoutError):
                 self.failures += 1
             await asyncio.sleep(interval_s)
+
+
+def down_backends(metrics_text: str) -> set[str]:
+    """The label sets of every `di_router_backend_up` sample that is 0."""
+    return {
+        " ".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "di_router_backend_up" and sample.value == 0
+    }
 
 
 async def measure(
