@@ -131,12 +131,23 @@ def test_verdict_follows_the_numbers():
     )
     sentence = compare_report.verdict(cmp, 4)
     assert "TTFT is a tie" in sentence
-    assert "DI wins on ITL (p99 of the gaps: DI 20.0 ms, baseline 180 ms)" in sentence
+    assert "DI wins on ITL (p99 of the gaps: DI 20.0 ms, baseline 180 ms; neuron mean" in sentence
     assert "the baseline wins on throughput (DI 24.0 req/min, baseline x2 60.0)" in sentence
     swapped = compare_report.Comparison(
         {"baseline": {4: smooth}, "di": {4: stalled}}, 0.5, {"baseline": "b", "di": "d"}
     )
     sentence = compare_report.verdict(swapped, 4)
     assert "the baseline wins on ITL" in sentence
+    # DI's first token early, then a long wait (for a decode slot): fine tail, worse mean
+    waiting = bench_result([0.1, 1.6] + [1.6 + (i + 1) / 50 for i in range(198)], 10.0)
+    steady = bench_result([0.1 + i / 40 for i in range(200)], 10.0)
+    split = compare_report.Comparison(
+        {"baseline": {8: steady}, "di": {8: waiting}}, 2.0, {"baseline": "b", "di": "d"}
+    )
+    expected = (
+        "ITL is split (DI wins on the tail, p99 of the gaps: DI 20.0 ms, baseline 25.0 ms; "
+        "the baseline wins on the mean, neuron mean: DI 27.4 ms, baseline 25.0 ms)"
+    )
+    assert expected in compare_report.verdict(split, 8)
     assert "DI wins on throughput (DI 30.0 req/min, baseline x0.5 12.0)" in sentence
     assert "| 4 " in compare_report.table(cmp)
