@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib.util
 import shlex
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -116,8 +117,15 @@ def serving(side: str, args: argparse.Namespace) -> Iterator[tuple[str, str]]:
         )
 
 
+def _exit_on_sigterm() -> None:
+    """`timeout` and service managers stop with SIGTERM: leave through the stacks' cleanup, so
+    no simulator or router outlives the command."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def run(args: argparse.Namespace) -> int:
     resolve(args)
+    _exit_on_sigterm()
     simulated = not (args.di_url and args.baseline_url)
     if simulated and args.model != stack.MODEL:
         print(
