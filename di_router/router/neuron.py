@@ -227,11 +227,22 @@ class NeuronExchange(Exchange):
                         failed = exc
                 elif not self.produced:
                     return  # its KV is on the way; nothing more can be known of it
-        # Rule 3: decode ended before emitting. A KV entry made for it is stranded (a decode
-        # that waited this long was queued, not pulling): abort it and pull the entry.
-        if produced:
+        # Rule 3: decode ended before emitting. A KV entry made for it is stranded when decode
+        # never took the request, or stayed silent for its whole timeout (a decode that pulls
+        # emits at once: a silent one was queued): abort it and pull the entry. A connection
+        # that broke tells nothing (decode may have pulled and emitted the bytes that were lost),
+        # and a release then would wait in `transferring` for good: leave it.
+        assert failed is not None
+        if not produced:
+            return
+        if failed.never_arrived or failed.rejected or failed.error_type == "timeout":
             await decode.aclose()
             await settler.release(release_content(self.prefill), decode, self.prefill.backend)
+        else:
+            log.warning(
+                "decode %s broke before it emitted (%s): its KV entry may stay pinned",
+                decode.headers.get("X-Request-Id"), failed.error_type,
+            )  # fmt: skip
 
     async def _until_emitted(self) -> None:
         """A streamed decode's first event, or a non-streamed decode's headers (vLLM sends them

@@ -44,14 +44,25 @@ class _Body(httpx.AsyncByteStream):
 
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
+        self._failure: Exception | None = None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
+        content = self._response.content
         try:  # per event on the hot path: a bare try costs nothing when nothing is raised
-            chunk = await self._response.content.readany()
-        except Exception:
+            if self._failure is not None:
+                raise self._failure
+            chunk = await content.readany()
+        except Exception as exc:
+            # aiohttp drops what arrived with a broken connection (its reads raise first); an
+            # event sent just before the cut decides whether a server has a slot to free, so
+            # hand those bytes over first and the error on the next read.
+            rest = content._read_nowait(-1) if content._buffer and exc is not self._failure else b""
+            if rest:
+                self._failure = exc
+                return rest
             with _mapped_errors():
                 raise
         if not chunk:

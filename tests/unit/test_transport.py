@@ -73,3 +73,42 @@ async def test_running_out_of_descriptors_is_told_apart(
     assert (info.value.status, info.value.error_type) == (status, error_type)
     assert info.value.never_arrived
     await leg.aclose()
+
+
+@pytest.mark.anyio
+async def test_bytes_that_arrived_with_a_broken_connection_are_not_lost() -> None:
+    """aiohttp drops what was buffered once the payload fails; the transport hands it over
+    first. An event sent just before a cut decides whether a server has a slot to free."""
+    import asyncio
+
+    from di_router.router.transport import AiohttpTransport
+
+    async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        event = b"data: {}\n\n"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n" + b"%x\r\n" % len(event) + event + b"\r\n"
+        )
+        await writer.drain()
+        writer.close()  # the chunked body never ends
+
+    server = await asyncio.start_server(cut, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = AiohttpTransport(4, 1.0, None)
+    try:
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/completions", content=b"{}")
+        response = await transport.handle_async_request(request)
+        content = response.stream._response.content  # type: ignore[union-attr]
+        for _ in range(200):  # bounded: until aiohttp has seen the cut (and set its error)
+            if content.exception() is not None:
+                break
+            await asyncio.sleep(0.005)
+        assert content.exception() is not None
+        stream = response.stream.__aiter__()  # type: ignore[union-attr]
+        assert await anext(stream) == b"data: {}\n\n"
+        with pytest.raises(httpx.RemoteProtocolError):
+            await anext(stream)
+    finally:
+        await transport.aclose()
+        server.close()
