@@ -75,6 +75,14 @@ class BackendPool:
             await backend.aclose()
 
 
+class NoBackends(Exception):
+    """A role has no backend at all (discovery has found none yet, or all left)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no {role} server is registered")
+        self.role = role
+
+
 class Selection:
     """Which prefill and which decode serve a request.
 
@@ -100,6 +108,9 @@ class Selection:
         self._rng = random.Random(seed)
 
     def pick(self, exclude: Collection[Backend] = ()) -> tuple[Backend, Backend]:
+        for pool in (self.prefill, self.decode):
+            if not pool.backends:
+                raise NoBackends(pool.role)
         if self.pairing == "static":
             pairs = list(zip(self.prefill.backends, self.decode.backends, strict=True))
             allowed = [p for p in pairs if p[0] not in exclude and p[1] not in exclude]
@@ -122,22 +133,23 @@ def _load(backend: Backend) -> int:
     return backend.outstanding
 
 
-def make_pool(role: str, urls: list[str], config: RouterConfig) -> BackendPool:
+def make_backend(role: str, url: str, config: RouterConfig) -> Backend:
+    """One backend: a traffic pool sized for the load, and a small probe pool of its own."""
     keepalive = config.keepalive_expiry_s
     tls = ssl.create_default_context(cafile=config.ssl_ca_file) if config.ssl_ca_file else None
-    backends = [
-        Backend(
-            role,
-            url.rstrip("/"),
-            transport=AiohttpTransport(config.max_connections, keepalive, tls),
-            probe=httpx.AsyncClient(
-                base_url=url,
-                transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, tls),
-                timeout=config.health_timeout_s,
-                trust_env=False,
-            ),
-            connect_timeout=config.connect_timeout_s,
-        )
-        for url in urls
-    ]
-    return BackendPool(role, backends)
+    return Backend(
+        role,
+        url.rstrip("/"),
+        transport=AiohttpTransport(config.max_connections, keepalive, tls),
+        probe=httpx.AsyncClient(
+            base_url=url,
+            transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, tls),
+            timeout=config.health_timeout_s,
+            trust_env=False,
+        ),
+        connect_timeout=config.connect_timeout_s,
+    )
+
+
+def make_pool(role: str, urls: list[str], config: RouterConfig) -> BackendPool:
+    return BackendPool(role, [make_backend(role, url, config) for url in urls])

@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a decode server (repeatable); replaces --decode-ip/--decode-port",
     )
     add(
+        "--etcd",
+        None,
+        str,
+        "HOST:PORT of etcd: backends come and go with its /workers/ registry (Neuron 2.26); "
+        "pairing becomes any-to-any and each leg names its peer in its request id",
+    )
+    add(
         "--kv-protocol",
         _DEFAULTS.kv_protocol,
         str,
@@ -223,8 +230,10 @@ def _url(host: str, port: int, scheme: str = "http") -> str:
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        prefill_urls=args.prefill or [_url(args.prefill_ip, args.prefill_port)],
-        decode_urls=args.decode or [_url(args.decode_ip, args.decode_port)],
+        prefill_urls=args.prefill
+        or ([] if args.etcd else [_url(args.prefill_ip, args.prefill_port)]),
+        decode_urls=args.decode or ([] if args.etcd else [_url(args.decode_ip, args.decode_port)]),
+        etcd=args.etcd,
         kv_protocol=args.kv_protocol,
         pairing=args.pairing,
         selection=args.selection,

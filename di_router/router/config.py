@@ -8,8 +8,11 @@ from pydantic import BaseModel, Field, model_validator
 
 
 class RouterConfig(BaseModel):
-    prefill_urls: list[str] = Field(default=["http://localhost:8100"], min_length=1)
-    decode_urls: list[str] = Field(default=["http://localhost:8200"], min_length=1)
+    prefill_urls: list[str] = Field(default=["http://localhost:8100"])
+    decode_urls: list[str] = Field(default=["http://localhost:8200"])
+    etcd: str | None = None
+    """HOST:PORT of an etcd whose `/workers/` registry (Neuron 2.26) lists the backends; the
+    servers given by URL (if any) are kept too."""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
@@ -74,6 +77,8 @@ class RouterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pairs(self) -> RouterConfig:
+        if self.etcd is None and not (self.prefill_urls and self.decode_urls):
+            raise ValueError("a prefill and a decode server are needed (or --etcd)")
         if self.effective_pairing == "static" and len(self.prefill_urls) != len(self.decode_urls):
             raise ValueError(
                 f"static pairing needs as many prefill as decode servers (the i-th serves with "
@@ -87,4 +92,4 @@ class RouterConfig(BaseModel):
     def effective_pairing(self) -> str:
         if self.pairing is not None:
             return self.pairing
-        return "any" if self.kv_protocol == "nixl" else "static"
+        return "any" if self.kv_protocol == "nixl" or self.etcd else "static"

@@ -30,13 +30,27 @@ class HealthMonitor:
         self._metrics = metrics
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._soon: set[asyncio.Task[None]] = set()
         # The model list is under /v1, which vLLM protects with its API key (if it has one).
         self._auth_headers = {"Authorization": authorization} if authorization else {}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="di-router-health")
 
+    def check_soon(self, backend: Backend) -> None:
+        """A backend just discovered: check it now rather than at the next poll."""
+        task = asyncio.ensure_future(self._check(backend))
+        self._soon.add(task)
+        task.add_done_callback(self._soon.discard)
+
+    def forget(self, backend: Backend) -> None:
+        """A backend that left: its series goes too (labels stay bounded)."""
+        with contextlib.suppress(KeyError):
+            self._metrics.backend_up.remove(backend.role, backend.url)
+
     async def stop(self) -> None:
+        for task in self._soon:
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from di_router.router.backends import Backend
+from di_router.router.backends import Backend, NoBackends
 from di_router.router.client import DISCONNECTED, BodyError, Client, ClientGone
 from di_router.router.exchange import Exchange, ExchangeSpec
 from di_router.router.request_view import InvalidField, read_request
@@ -138,7 +138,10 @@ class Completion:
         path = "/v1/chat/completions" if self.chat else "/v1/completions"
         tried: set[Backend] = set()
         while True:
-            prefill, decode = service.selection.pick(tried)
+            try:
+                prefill, decode = service.selection.pick(tried)
+            except NoBackends as exc:
+                raise UpstreamError.make(exc.role, 503, "no_backend", str(exc)) from None
             self.exchange = exchange = service.protocol.exchange(
                 ExchangeSpec(
                     path=path,
@@ -152,7 +155,9 @@ class Completion:
                     trace=trace,
                     prefill=prefill,
                     decode=decode,
-                    open_leg=service.leg_opener(self.client, self.hex_id, path, trace.stream),
+                    open_leg=service.leg_opener(
+                        self.client, self.hex_id, path, trace.stream, (prefill, decode)
+                    ),
                     prefill_timeout=config.prefill_timeout_s,
                     decode_timeout=config.decode_timeout_s,
                     max_response_bytes=config.max_response_bytes,

@@ -22,6 +22,7 @@ from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
 from di_router.router.neuron import NeuronFirstToken
 from di_router.router.nixl import NixlProtocol
 from di_router.router.recorder import Recorder
+from di_router.router.registry import Registry
 from di_router.router.settle import Settler
 from di_router.router.trace import RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
@@ -56,6 +57,10 @@ class RouterService:
             config.health_interval_s,
             self.access.backend_authorization,
         )
+        self.registry: Registry | None = None
+        if config.etcd:
+            pools = {"prefill": self.prefill, "decode": self.decode}
+            self.registry = Registry(config.etcd, pools, config, self.health)
         self.draining = False
         self._active: set[asyncio.Task[object]] = set()
         self._drain_task: asyncio.Task[None] | None = None
@@ -92,21 +97,31 @@ class RouterService:
         )
 
     def leg_opener(
-        self, client: Client, hex_id: str, path: str, stream: bool
+        self, client: Client, hex_id: str, path: str, stream: bool, pair: tuple[Backend, Backend]
     ) -> Callable[[Backend, bytes], Leg]:
         """Starts one request's legs. A leg's socket may stay silent for its role's bound; a
         non-streamed decode sends nothing before its whole answer, so its socket waits as long
-        as settling may (the client's own deadline is enforced by the exchange)."""
+        as settling may (the client's own deadline is enforced by the exchange).
+
+        With discovery (Neuron 2.26), servers are not paired at startup: each leg's id names
+        its peer, `cmpl-<hex>_<peer host>:<peer port>`, so that decode knows whom to pull from.
+        """
         config = self.config
         headers = self.upstream_headers(client, hex_id)
         silence = {
             "prefill": config.prefill_timeout_s,
             "decode": config.decode_timeout_s if stream else config.settle_timeout_s,
         }
+        prefill, decode = pair
+        peer = {prefill.role: decode, decode.role: prefill}
 
         def open_leg(backend: Backend, content: bytes) -> Leg:
+            leg_headers = headers
+            if self.registry is not None:
+                address = peer[backend.role].url.split("://", 1)[-1]
+                leg_headers = {**headers, "X-Request-Id": f"cmpl-{hex_id}_{address}"}
             return Leg(
-                backend, path, content, headers,
+                backend, path, content, leg_headers,
                 silence[backend.role], config.max_event_bytes,
             )  # fmt: skip
 
@@ -144,6 +159,8 @@ class RouterService:
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.registry is not None:
+            await self.registry.start()
         await self.health.poll_once()
         self.health.start()
 
@@ -164,6 +181,8 @@ class RouterService:
     async def stop(self) -> None:
         if self._drain_task is not None:
             await self._drain_task
+        if self.registry is not None:
+            await self.registry.stop()
         await self.health.stop()
         await self.settler.wait(_SETTLE_ON_STOP_S)
         await self.prefill.aclose()
