@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,6 @@ class Workload:
     seed: int = 11111  # llmperf seeds its prompts with random.seed(11111)
     itl_definition: ItlDefinition = "neuron"
     api_key: str = "EMPTY"
-
-    def at(self, concurrency: int) -> Workload:
-        return replace(self, num_concurrent_requests=concurrency)
 
 
 @dataclass
