@@ -169,18 +169,22 @@ def down_backends(metrics_text: str) -> set[str]:
     }
 
 
-async def measure(
-    url: str, load: Load, quick: bool, watch: DownWatch | None
-) -> tuple[LoadResult, float]:
+async def measure(url: str, load: Load, watch: DownWatch | None) -> tuple[LoadResult, float]:
     """Warm the proxy's upstream pool at this concurrency, then measure; also the client's CPU
     (cores), which must stay below one for the client not to be the limit."""
     endpoint = url + "/v1/completions"
-    warm = min(load.concurrency, 64) if quick else load.concurrency
     async with (
         client_session(load.concurrency) as client,
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as scraper,
     ):
-        await closed_loop(client, endpoint, completion_body(2, MODEL), 2, warm, requests=warm)
+        await closed_loop(
+            client,
+            endpoint,
+            completion_body(2, MODEL),
+            2,
+            load.concurrency,
+            requests=load.concurrency,
+        )
         watcher = asyncio.create_task(watch.watch(scraper)) if watch else None
         cpu = time.process_time()
         result = await closed_loop(
@@ -213,7 +217,7 @@ def run_set(
                 proc = servers["baseline" if target == "direct" else target]
                 cpu = stack.cpu_seconds(proc.pid)
                 result, client_cores = uvloop.run(
-                    measure(urls[target], load, args.quick, watch if target == "router" else None)
+                    measure(urls[target], load, watch if target == "router" else None)
                 )
                 row = {
                     "round": round_,
