@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, str] = {
     "up": "di_router.launcher.up_cmd",
     "doctor": "di_router.launcher.doctor",
     "bench": "di_router.bench.cli",
+    "plan": "di_router.plan.cli",
 }
 
 

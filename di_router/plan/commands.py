@@ -1,0 +1,116 @@
+"""The commands that deploy a layout with this package's launchers (docs/launcher.md).
+
+Hosts are placeholders (`HOST1`, ...): one trn2.48xlarge each. A TP32 pair shares one host
+(prefill on cores 0-31, decode on 32-63, the launcher's single-instance split); a TP64 server has
+a host of its own (multi-instance). P = D deploys as Neuron 2.24's fixed pairs; P != D needs
+any-to-any pairing, which only Neuron 2.26's etcd discovery gives (docs/discovery.md).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from di_router.plan.layouts import INSTANCE_CORES, Layout
+
+ROUTER_PORT = 8000
+_PLAIN = re.compile(r"[\w@%+=:,./~-]+")  # left unquoted, so the shell still expands `~`
+
+
+def commands(layout: Layout, model_path: str) -> list[str]:
+    """Shell lines, comments included, in the order to run them."""
+    path = model_path if _PLAIN.fullmatch(model_path) else shlex.quote(model_path)
+    common = f"--model-path {path} --tp-degree {layout.tp} "
+    common += f"--batch-size {layout.batch}"
+    lines = [
+        "# on every host: compile once (the artifact serves both roles)",
+        f"di-router compile {common}",
+    ]
+    if layout.kind == "baseline":
+        return lines + _baseline(layout, common)
+    if not layout.static_pairing:
+        return lines + _dynamic(layout)
+    if layout.tp * 2 <= INSTANCE_CORES:
+        return lines + _single_instance_pairs(layout, common)
+    return lines + _multi_instance_pairs(layout, common)
+
+
+def _baseline(layout: Layout, common: str) -> list[str]:
+    per_host = INSTANCE_CORES // layout.tp
+    lines, urls = [], []
+    for i in range(layout.servers):
+        host, slot = f"HOST{i // per_host + 1}", i % per_host
+        if layout.tp == INSTANCE_CORES:
+            lines.append(
+                f"# on {host}\ndi-router serve baseline --topology multi-instance {common}"
+            )
+        elif slot == 0:
+            lines.append(f"# on {host}\ndi-router serve baseline {common}")
+        else:
+            cores = f"{slot * layout.tp}-{(slot + 1) * layout.tp - 1}"
+            lines.append(
+                f"di-router serve baseline {common} --prefill-cores {cores} "
+                f"--decode-cores 0-{layout.tp - 1} --baseline-port {ROUTER_PORT + slot}"
+            )
+        urls.append(f"http://{host}:{ROUTER_PORT + slot}")
+    lines.append(
+        "# no router: clients take the servers in turn, e.g. "
+        f"di-router bench --url '{';'.join(urls)}'"
+    )
+    return lines
+
+
+def _router(pairs: list[tuple[str, str]]) -> str:
+    if len(pairs) == 1:
+        (p, d) = pairs[0]
+        p_host, p_port = p.rsplit(":", 1)
+        d_host, d_port = d.rsplit(":", 1)
+        return (
+            f"neuron-proxy-server --prefill-ip {p_host} --prefill-port {p_port} "
+            f"--decode-ip {d_host} --decode-port {d_port}"
+        )
+    flags = " ".join(f"--prefill http://{p} --decode http://{d}" for p, d in pairs)
+    return f"neuron-proxy-server --host 0.0.0.0 --port {ROUTER_PORT} {flags}"
+
+
+def _single_instance_pairs(layout: Layout, common: str) -> list[str]:
+    if layout.prefills == 1:
+        return [
+            "# on HOST1: prefill (cores 0-31), decode (cores 32-63) and the router on :8000",
+            f"di-router up {common}",
+        ]
+    lines = []
+    for i in range(1, layout.prefills + 1):
+        lines += [
+            f"# on HOST{i}: one pair (prefill cores 0-31, decode cores 32-63)",
+            f"di-router serve prefill {common} &",
+            f"di-router serve decode {common} &",
+        ]
+    pairs = [(f"HOST{i}:8100", f"HOST{i}:8200") for i in range(1, layout.prefills + 1)]
+    return [*lines, "# the router (on any host)", _router(pairs)]
+
+
+def _multi_instance_pairs(layout: Layout, common: str) -> list[str]:
+    lines, pairs = [], []
+    for i in range(layout.prefills):
+        p_host, d_host = f"HOST{2 * i + 1}", f"HOST{2 * i + 2}"
+        ips = f"--prefill-ip {p_host}_IP --decode-ip {d_host}_IP"
+        lines += [
+            f"# on {p_host}",
+            f"di-router serve prefill --topology multi-instance {common} {ips}",
+            f"# on {d_host}",
+            f"di-router serve decode --topology multi-instance {common} {ips}",
+        ]
+        pairs.append((f"{p_host}_IP:8100", f"{d_host}_IP:8200"))
+    return [*lines, "# the router (on a prefill host)", _router(pairs)]
+
+
+def _dynamic(layout: Layout) -> list[str]:
+    return [
+        f"# {layout.prefills}P{layout.decodes}D pairs any prefill with any decode: Neuron 2.26's "
+        "dynamic xPyD, each vLLM worker started with",
+        '#   --kv-transfer-config \'{"kv_connector":"NeuronConnector","kv_role":'
+        '"kv_producer"|"kv_consumer","etcd":"ETCD_HOST:8989"}\' (docs/discovery.md);',
+        "#   `di-router serve` launches Neuron 2.24's fixed pairs only",
+        f"neuron-proxy-server --host 0.0.0.0 --port {ROUTER_PORT} --etcd ETCD_HOST:8989",
+    ]
