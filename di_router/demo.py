@@ -27,7 +27,7 @@ def curl_example(port: int, model: str) -> str:
     )
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
         "demo",
         help="run simulated prefill + decode servers and the router (Ctrl-C stops all)",

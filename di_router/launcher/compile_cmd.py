@@ -95,7 +95,7 @@ def compile_model(args: argparse.Namespace, settings: Settings) -> int:
     os.execvp(argv[0], argv)
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "compile",
         help="compile a model for disaggregated inference",

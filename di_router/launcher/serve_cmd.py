@@ -43,7 +43,7 @@ def serve(args: argparse.Namespace, settings: Settings) -> int:
     os.execvpe(plan.argv[0], plan.argv, {**os.environ, **plan.env})
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="start a prefill, decode or baseline server",
