@@ -44,6 +44,7 @@ from di_router.bench.stack import HOST, MODEL, Server
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results" / "router_load.json"
+RESULTS_QUICK = HERE / "results" / "router_load_quick.json"
 TARGETS = ("direct", "floor", "router", "neuron")
 NEURON_DEFAULT_PORT = 8000  # neuron-proxy-server has no --port: it always listens here
 
@@ -59,7 +60,7 @@ class Load:
 
 def loads(quick: bool) -> tuple[list[Load], list[Load]]:
     """(loads on undelayed backends, loads on backends with 20 ms decode steps)."""
-    window = 1.5 if quick else 10.0
+    window = 3.0 if quick else 10.0
     fast = [
         Load("c1", 1, 16, requests=40 if quick else 300),
         Load("c64", 64, 16, duration_s=window),
@@ -307,10 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-cmd", help="another router command line, same placeholders")
     p.add_argument("--rounds", type=int, help="interleaved repeats of each load (2; quick: 1)")
     p.add_argument("--step-ms", type=float, default=20.0, help="decode step at 1,000 streams")
-    p.add_argument("--output", type=Path, default=RESULTS)
+    p.add_argument(
+        "--output", type=Path, help=f"JSON file ({RESULTS.name}; quick: {RESULTS_QUICK.name})"
+    )
     args = p.parse_args(argv)
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
+    if args.output is None:
+        args.output = RESULTS_QUICK if args.quick else RESULTS
     if args.backends is None:
         args.backends = "zero" if args.quick else "zero,instant"
 
