@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from di_router.sim.cli import role_argv
+from di_router import argv
+from di_router.sim.cli import role_kv_config
 
 MODEL = "llama-3.3-70b"
 HOST = "127.0.0.1"
@@ -135,45 +135,26 @@ def cpu_seconds(pid: int) -> float:
 def sim_argv(
     role: str, port: int, kv_port: int, profile: str, batch: int, extra: Sequence[str] = ()
 ) -> list[str]:
-    """The simulator's command line for one role, built like the launcher builds it."""
-    return [
-        sys.executable,
-        "-m",
-        "di_router.sim.api_server",
-        "--model",
-        MODEL,
-        "--host",
-        HOST,
-        "--sim-profile",
-        profile,
-        "--max-num-seqs",
-        str(batch),
-        *role_argv(role, port, HOST, kv_port),
-        *extra,
-    ]
+    """The simulator's command line for one role on loopback (the launcher's builder)."""
+    return argv.server_argv(
+        "sim",
+        model=MODEL,
+        port=port,
+        host=HOST,
+        kv_config=role_kv_config(role, HOST, kv_port),
+        vllm_flags=["--max-num-seqs", str(batch)],
+        extra=["--sim-profile", profile, *extra],
+    )
 
 
 def router_argv(
     port: int, prefill_port: int, decode_port: int, extra: Sequence[str] = ()
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "di_router.router.cli",
-        "--prefill-ip",
-        HOST,
-        "--prefill-port",
-        str(prefill_port),
-        "--decode-ip",
-        HOST,
-        "--decode-port",
-        str(decode_port),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        *extra,
-    ]
+    """The router on loopback in front of one pair, given as Neuron's router takes it, so that
+    backends named in `extra` (`--prefill`, `--decode`, `--etcd`) replace it as they would."""
+    pair = ["--prefill-ip", HOST, "--prefill-port", str(prefill_port)]
+    pair += ["--decode-ip", HOST, "--decode-port", str(decode_port)]
+    return argv.router_argv(HOST, port, [], [*pair, *extra])
 
 
 class _Group:

@@ -6,16 +6,14 @@ offset is an integer, baseline exports its cores, and the IPs come from the flag
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
+from di_router import argv
 from di_router.kv_config import NEURON_CONNECTOR, KVTransferConfig
 from di_router.launcher.settings import LaunchError, Settings
 from di_router.launcher.topology import core_slots
 
 ROLES = ("prefill", "decode", "baseline")
-VLLM_MODULE = "vllm.entrypoints.openai.api_server"
-SIM_MODULE = "di_router.sim.api_server"
 LOOPBACK = "127.0.0.1"
 KV_BUFFER_SIZE = 2e11
 """The tutorial's value; NeuronConnector does not read it, but vLLM validates the field."""
@@ -114,30 +112,21 @@ def plan_server(role: str, settings: Settings) -> ServerPlan:
 
 def server_argv(settings: Settings, port: int, kv_config: KVTransferConfig | None) -> list[str]:
     """vLLM's argv; the simulator gets the identical flags after its own module name."""
-    module = VLLM_MODULE if settings.engine == "vllm" else SIM_MODULE
-    argv = [
-        sys.executable,
-        "-m",
-        module,
-        "--model",
-        str(settings.model_path),
-        "--max-num-seqs",
-        str(settings.batch_size),
-        "--max-model-len",
-        str(settings.seq_len),
-        "--tensor-parallel-size",
-        str(settings.tp_degree),
-        "--device",
-        "neuron",
+    sim_flags = [] if settings.sim_profile is None else ["--sim-profile", settings.sim_profile]
+    vllm_flags = [
+        "--max-num-seqs", str(settings.batch_size),
+        "--max-model-len", str(settings.seq_len),
+        "--tensor-parallel-size", str(settings.tp_degree),
+        "--device", "neuron",
         "--use-v2-block-manager",
-        "--override-neuron-config",
-        "{}",
-    ]
-    if kv_config is not None:
-        argv += ["--kv-transfer-config", kv_config.to_cli_json()]
-    argv += ["--port", str(port)]
-    if settings.host is not None:
-        argv += ["--host", settings.host]
-    if settings.sim_profile is not None:
-        argv += ["--sim-profile", settings.sim_profile]
-    return argv
+        "--override-neuron-config", "{}",
+    ]  # fmt: skip
+    return argv.server_argv(
+        settings.engine,
+        model=str(settings.model_path),
+        port=port,
+        host=settings.host,
+        kv_config=kv_config,
+        vllm_flags=vllm_flags,
+        extra=sim_flags,
+    )

@@ -29,10 +29,15 @@ def serve(settings: SimSettings) -> None:
         detail,
     )
 
+    tls = {}
+    if settings.ssl_keyfile and settings.ssl_certfile:
+        tls = {"keyfile": settings.ssl_keyfile, "certfile": settings.ssl_certfile}
+    scheme = "https" if tls else "http"
+
     def ready() -> None:
         # vLLM's own ready line, which launch scripts and the tutorial wait for.
         print(
-            f"INFO:     Uvicorn running on http://{settings.host}:{settings.port} "
+            f"INFO:     Uvicorn running on {scheme}://{settings.host}:{settings.port} "
             "(Press CTRL+C to quit)",
             flush=True,
         )
@@ -45,7 +50,7 @@ def serve(settings: SimSettings) -> None:
             raise SystemExit(0)
 
     # Pairing happens in the startup hook, before Hypercorn binds; it may take forever.
-    config = hypercorn_config(settings.host, settings.port, startup_timeout=None)
+    config = hypercorn_config(settings.host, settings.port, startup_timeout=None, **tls)
     run(app, config, on_bound=ready, on_signal=on_signal)
 
 

@@ -71,6 +71,8 @@ def build_parser(prog: str = "python -m di_router.sim.api_server") -> argparse.A
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("VLLM_API_KEY"))
+    p.add_argument("--ssl-keyfile", default=None, help="private key: listen on HTTPS")
+    p.add_argument("--ssl-certfile", default=None, help="certificate (with --ssl-keyfile)")
     for flag, takes_value in _ACCEPTED_VLLM_FLAGS.items():
         if takes_value:
             p.add_argument(flag, help=argparse.SUPPRESS)
@@ -136,6 +138,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
         warnings += [note for note in notes if note]
         if kv.kv_role and not kv.kv_connector:
             warnings.append(f"kv_role={kv.kv_role} without kv_connector: running as baseline")
+    if (args.ssl_keyfile is None) != (args.ssl_certfile is None):
+        raise ValueError("--ssl-keyfile and --ssl-certfile go together")
     for flag in ("max_num_seqs", "max_model_len", "port"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -157,6 +161,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
         host=args.host,
         port=args.port,
         api_key=args.api_key,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
         kv_config=kv,
         profile=profile,
         kv_timeout_s=args.sim_kv_timeout,

@@ -9,19 +9,26 @@ from di_router.kv_config import NEURON_CONNECTOR, KVTransferConfig
 ROLE_PORTS = {"prefill": 8100, "decode": 8200, "baseline": 8000}
 
 
+def role_kv_config(role: str, kv_ip: str, kv_port: int) -> KVTransferConfig | None:
+    """The KVTransferConfig that makes a simulator play `role` (None for baseline)."""
+    if role == "baseline":
+        return None
+    producer = role == "prefill"
+    return KVTransferConfig(
+        kv_connector=NEURON_CONNECTOR,
+        kv_role="kv_producer" if producer else "kv_consumer",
+        kv_rank=0 if producer else 1,
+        kv_parallel_size=2,
+        kv_ip=kv_ip,
+        kv_port=kv_port,
+    )
+
+
 def role_argv(role: str, port: int | None, kv_ip: str, kv_port: int) -> list[str]:
     """The vLLM-style argv that makes a simulator play `role` (as the launcher would pass it)."""
     argv = ["--port", str(port or ROLE_PORTS[role])]
-    if role != "baseline":
-        producer = role == "prefill"
-        kv = KVTransferConfig(
-            kv_connector=NEURON_CONNECTOR,
-            kv_role="kv_producer" if producer else "kv_consumer",
-            kv_rank=0 if producer else 1,
-            kv_parallel_size=2,
-            kv_ip=kv_ip,
-            kv_port=kv_port,
-        )
+    kv = role_kv_config(role, kv_ip, kv_port)
+    if kv is not None:
         argv += ["--kv-transfer-config", kv.to_cli_json()]
     return argv
 

@@ -19,6 +19,9 @@ class SimSettings:
     host: str = "0.0.0.0"
     port: int = 8000
     api_key: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_certfile: str | None = None
+    """Both set: the server listens on HTTPS, as vLLM's `--ssl-keyfile/--ssl-certfile` do."""
     kv_config: KVTransferConfig | None = None
     profile: TimingProfile = PROFILES["instant"]
     kv_timeout_s: float = 0.0
