@@ -40,12 +40,12 @@ def _baseline(layout: Layout, common: str) -> list[str]:
     lines, urls = [], []
     for i in range(layout.servers):
         host, slot = f"HOST{i // per_host + 1}", i % per_host
+        if slot == 0:
+            lines.append(f"# on {host}")
         if layout.tp == INSTANCE_CORES:
-            lines.append(
-                f"# on {host}\ndi-router serve baseline --topology multi-instance {common}"
-            )
+            lines.append(f"di-router serve baseline --topology multi-instance {common}")
         elif slot == 0:
-            lines.append(f"# on {host}\ndi-router serve baseline {common}")
+            lines.append(f"di-router serve baseline {common} &")
         else:
             cores = f"{slot * layout.tp}-{(slot + 1) * layout.tp - 1}"
             lines.append(

@@ -5,8 +5,10 @@ Every server is the simulator's `Engine` (the code the HTTP servers run), driven
 - the router: each DI request is sent to a prefill (`max_tokens` 1) and a decode server at once,
   picked by the router's own `Selection` (static pairs when P = D, as Neuron 2.24 pairs them;
   any-to-any otherwise); the client's first token is prefill's, the rest are decode's after
-  the token it repeats. Its own cost (well under a millisecond per request and per event,
-  `benchmarks/README.md`) is left out: Trn2's steps are tens of milliseconds;
+  the token it repeats. The HTTP path's cost is a constant added to every token the client sees
+  (`benchmarks/README.md`, router_overhead on 2 cores: a direct request's TTFT about 2 ms, the
+  router adds about 6 ms; its per-token relay cost, ~0.04 ms, is left out): small next to
+  Trn2's steps of tens of milliseconds, but it is what a real run of the simulators measures;
 - the KV side channel: the decode engine's lookup takes the entry from the chosen prefill's
   `KVEntryStore` (the producer's code path), without the TCP hop;
 - colocated servers: requests taken in turn, as the load generator does with several URLs;
@@ -42,6 +44,11 @@ from di_router.sim.sequence import (
     Sequence as SimSequence,
 )
 
+DIRECT_S = 0.002
+"""Client -> server -> client over loopback HTTP, a server's TTFT on the `instant` profile."""
+ROUTER_S = 0.006
+"""What the router adds to that path."""
+
 
 @dataclass(frozen=True)
 class Load:
@@ -75,7 +82,9 @@ class Recorder(asyncio.Queue[tuple[int, TokenOutput | SequenceError]]):
 class Servers:
     """The engines of one layout, and how a request reaches them."""
 
-    def __init__(self, layout: Layout, profile: TimingProfile, clock: Clock, seed: int) -> None:
+    def __init__(
+        self, layout: Layout, profile: TimingProfile, clock: Clock, seed: int, selection: str
+    ) -> None:
         self.layout = layout
         self.clock = clock
         self.engines: list[Engine] = []
@@ -94,7 +103,7 @@ class Servers:
                 backends.append(backend)
             pools.append(BackendPool(str(role), backends))
         pairing = "static" if layout.static_pairing else "any"
-        self.selection = Selection(pools[0], pools[1], pairing, "least_outstanding", seed)
+        self.selection = Selection(pools[0], pools[1], pairing, selection, seed)
 
     def _engine(self, role: Role, profile: TimingProfile) -> Engine:
         store = None
@@ -126,7 +135,7 @@ class Servers:
                 spec.max_tokens,
             )
             await out.done
-            result.token_times = out.times
+            result.token_times = [t + DIRECT_S for t in out.times]
         else:
             prefill, decode = self.selection.pick()
             result.url = f"{prefill.url} {decode.url}"
@@ -142,7 +151,8 @@ class Servers:
             _leave(decode)
             await first.done
             # The router relays prefill's token, then decode's after the one it repeats.
-            result.token_times = first.times[:1] + rest.times[1:]
+            path = DIRECT_S + ROUTER_S
+            result.token_times = [t + path for t in first.times[:1] + rest.times[1:]]
         result.status = 200
         result.usage_tokens = len(result.token_times)
         result.prompt_tokens = tokens
@@ -176,9 +186,11 @@ async def drive(
     load: Load,
     clock: Clock,
     on_result: Callable[[RequestResult], Any] | None = None,
+    selection: str = "least_outstanding",
 ) -> LoadRun:
-    """Run `specs` through `layout` on whatever loop is running (virtual or real)."""
-    servers = Servers(layout, profile, clock, load.seed)
+    """Run `specs` through `layout` on whatever loop is running (virtual or real); `selection`
+    is the router's `--selection`."""
+    servers = Servers(layout, profile, clock, load.seed, selection)
     for engine in servers.engines:
         engine.start()
     results: list[RequestResult | None] = [None] * len(specs)
@@ -234,7 +246,11 @@ async def _open_loop(
 
 
 def simulate(
-    layout: Layout, profile: TimingProfile, specs: Sequence[RequestSpec], load: Load
+    layout: Layout,
+    profile: TimingProfile,
+    specs: Sequence[RequestSpec],
+    load: Load,
+    selection: str = "least_outstanding",
 ) -> LoadRun:
     """`drive` on a fresh virtual loop: its times are virtual seconds."""
-    return vclock.run(lambda clock: drive(layout, profile, specs, load, clock))
+    return vclock.run(lambda clock: drive(layout, profile, specs, load, clock, selection=selection))
