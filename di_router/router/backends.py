@@ -108,6 +108,9 @@ class Selection:
         self._rng = random.Random(seed)
 
     def pick(self, exclude: Collection[Backend] = ()) -> tuple[Backend, Backend]:
+        prefills, decodes = self.prefill.backends, self.decode.backends
+        if len(prefills) == 1 and len(decodes) == 1:  # one pair: nothing to choose
+            return prefills[0], decodes[0]
         for pool in (self.prefill, self.decode):
             if not pool.backends:
                 raise NoBackends(pool.role)
