@@ -212,7 +212,7 @@ def doctor(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if problems else 0
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "doctor",
         help="preflight checks, each with a fix",

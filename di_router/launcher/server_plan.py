@@ -7,9 +7,10 @@ offset is an integer, baseline exports its cores, and the IPs come from the flag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from di_router import argv
-from di_router.kv_config import NEURON_CONNECTOR, KVTransferConfig
+from di_router.kv_config import DEFAULT_KV_PORT, NEURON_CONNECTOR, KVTransferConfig
 from di_router.launcher.settings import LaunchError, Settings
 from di_router.launcher.topology import core_slots
 
@@ -50,10 +51,16 @@ def peer_ips(settings: Settings) -> tuple[str, str]:
     return prefill_ip, decode_ip
 
 
-def kv_transfer_config(role: str, settings: Settings, offset: int) -> KVTransferConfig:
-    """The tutorial's config; only the fields it sets (plus `--kv-port`) reach the JSON."""
+def kv_transfer_config(
+    role: str, settings: Settings, offset: int, pair: int = 0
+) -> KVTransferConfig:
+    """The tutorial's config; only the fields it sets (plus `--kv-port`) reach the JSON.
+    Pair i's producer listens on kv_port + i: each pair handshakes on a port of its own."""
     producer = role == "prefill"
-    extra = {} if settings.kv_port is None else {"kv_port": settings.kv_port}
+    kv_port = settings.kv_port
+    if pair:
+        kv_port = (kv_port or DEFAULT_KV_PORT) + pair
+    extra: dict[str, Any] = {} if kv_port is None else {"kv_port": kv_port}
     return KVTransferConfig(
         kv_connector=NEURON_CONNECTOR,
         kv_buffer_device="cpu",
@@ -67,7 +74,22 @@ def kv_transfer_config(role: str, settings: Settings, offset: int) -> KVTransfer
     )
 
 
-def plan_server(role: str, settings: Settings) -> ServerPlan:
+def port_flag(flag: str, pair: int) -> str:
+    """How pair `pair`'s port is named in messages: `--prefill-port`, `--prefill-port + 1`."""
+    return f"{flag} + {pair}" if pair else flag
+
+
+def server_port(role: str, settings: Settings, pair: int = 0) -> int:
+    base = {
+        "prefill": settings.prefill_port,
+        "decode": settings.decode_port,
+        "baseline": settings.baseline_port,
+    }[role]
+    return base + pair
+
+
+def plan_server(role: str, settings: Settings, pair: int = 0) -> ServerPlan:
+    """Pair `pair` (0 unless `--pairs`) uses each port + pair and its own block of cores."""
     if role not in ROLES:
         raise LaunchError(f"server role {role!r}: use one of {', '.join(ROLES)}")
     if not settings.model_path:
@@ -75,13 +97,9 @@ def plan_server(role: str, settings: Settings) -> ServerPlan:
             "--model-path is required: the Hugging Face checkpoint folder (or, for the "
             "simulator, any model name)"
         )
-    slot = core_slots(settings)["decode" if role == "decode" else "prefill"]
-    port = {
-        "prefill": settings.prefill_port,
-        "decode": settings.decode_port,
-        "baseline": settings.baseline_port,
-    }[role]
-    listen_ports = {f"--{role}-port": port}
+    slot = core_slots(settings, pair)["decode" if role == "decode" else "prefill"]
+    port = server_port(role, settings, pair)
+    listen_ports = {port_flag(f"--{role}-port", pair): port}
     env = {
         "NEURON_COMPILED_ARTIFACTS": settings.compiled_model_path,
         "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": "2",
@@ -90,14 +108,14 @@ def plan_server(role: str, settings: Settings) -> ServerPlan:
     if role != "baseline":
         prefill_ip, decode_ip = peer_ips(settings)
         env |= {
-            "NEURON_RT_ASYNC_SENDRECV_BOOTSTRAP_PORT": str(settings.bootstrap_port),
+            "NEURON_RT_ASYNC_SENDRECV_BOOTSTRAP_PORT": str(settings.bootstrap_port + pair),
             "NEURON_RT_ASYNC_SENDRECV_EXPERIMENTAL_ENABLED": "1",
             "NEURON_SEND_IP": prefill_ip,
             "NEURON_RECV_IP": decode_ip,
         }
-        kv_config = kv_transfer_config(role, settings, slot.offset)
+        kv_config = kv_transfer_config(role, settings, slot.offset, pair)
         if role == "prefill":
-            listen_ports["--kv-port"] = kv_config.kv_port
+            listen_ports[port_flag("--kv-port", pair)] = kv_config.kv_port
     if slot.visible_cores is not None:
         env["NEURON_RT_VISIBLE_CORES"] = slot.visible_cores
     return ServerPlan(

@@ -88,6 +88,12 @@ OPTIONS: dict[str, Option] = {
             SINGLE_INSTANCE,
             (SINGLE_INSTANCE, MULTI_INSTANCE),
         ),
+        Option(
+            "pairs",
+            "prefill/decode pairs on this instance (single-instance); pair i uses each port + i",
+            int,
+            1,
+        ),
         Option("engine", "vllm on Trainium, or the simulator", str, "vllm", ("vllm", "sim")),
         Option("prefill_ip", "prefill host IP (kv_ip, NEURON_SEND_IP); 127.0.0.1 single-instance"),
         Option("decode_ip", "decode host IP (NEURON_RECV_IP); 127.0.0.1 single-instance"),
@@ -95,6 +101,11 @@ OPTIONS: dict[str, Option] = {
         Option("decode_port", "decode server HTTP port", int, 8200),
         Option("baseline_port", "baseline (non-DI) server HTTP port", int, 8000),
         Option("router_port", "router HTTP port", int, 8000),
+        Option(
+            "router_host",
+            "address the router listens on; default 127.0.0.1 single-instance, 0.0.0.0 "
+            "multi-instance (the client and other hosts must reach it)",
+        ),
         Option("kv_port", "KV signal-plane port (kv_port); default vLLM's 14579", int),
         Option(
             "bootstrap_port",
@@ -137,6 +148,7 @@ class Settings:
     batch_size: int
     seq_len: int
     topology: str
+    pairs: int
     engine: str
     prefill_ip: str | None
     decode_ip: str | None
@@ -144,6 +156,7 @@ class Settings:
     decode_port: int
     baseline_port: int
     router_port: int
+    router_host: str | None
     kv_port: int | None
     bootstrap_port: int
     host: str | None
@@ -159,8 +172,8 @@ class Settings:
         return self.topology == SINGLE_INSTANCE
 
 
-def servers_per_instance(topology: str) -> int:
-    return 2 if topology == SINGLE_INSTANCE else 1
+def servers_per_instance(topology: str, pairs: int = 1) -> int:
+    return 2 * pairs if topology == SINGLE_INSTANCE else 1
 
 
 def compiled_model_dir(tp_degree: int, batch_size: int) -> str:
@@ -218,7 +231,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
             value = opt.convert(config[name], f"{name} in {config_path}")
         values[name] = opt.default if value is None else value
     if values["tp_degree"] is None:
-        values["tp_degree"] = values["instance_cores"] // servers_per_instance(values["topology"])
+        per_instance = servers_per_instance(values["topology"], values["pairs"])
+        values["tp_degree"] = max(1, values["instance_cores"] // per_instance)
     if values["compiled_model_path"] is None:
         values["compiled_model_path"] = compiled_model_dir(
             values["tp_degree"], values["batch_size"]
@@ -230,7 +244,7 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
 
 def _check_values(settings: Settings) -> None:
     """Checks of single values; how they combine (cores, roles) is the topology's job."""
-    for name in ("tp_degree", "batch_size", "seq_len", "instance_cores"):
+    for name in ("tp_degree", "batch_size", "seq_len", "instance_cores", "pairs"):
         if getattr(settings, name) < 1:
             raise LaunchError(f"{OPTIONS[name].flag} {getattr(settings, name)}: must be at least 1")
     for name in ("prefill_port", "decode_port", "baseline_port", "router_port", "kv_port"):
@@ -248,6 +262,11 @@ def _check_values(settings: Settings) -> None:
                 f"{OPTIONS[name].flag} {ip!r}: not an IP address; on that host run "
                 "`hostname -i`, or use 127.0.0.1 for single-instance"
             ) from None
+    if settings.pairs > 1 and not settings.single_instance:
+        raise LaunchError(
+            f"--pairs {settings.pairs} applies to single-instance; multi-instance runs one "
+            "server per host: start each pair's servers on their hosts (docs/launcher.md)"
+        )
     if settings.sim_profile is not None and settings.engine != "sim":
         raise LaunchError("--sim-profile only applies with --engine sim")
 

@@ -20,18 +20,27 @@ class CoreSlot:
     """`neuron_core_offset`: absolute index of the server's first core."""
 
 
-def core_slots(settings: Settings) -> dict[str, CoreSlot]:
-    """The prefill and decode slots (baseline runs in the prefill slot)."""
-    tp, total = settings.tp_degree, settings.instance_cores
+def core_slots(settings: Settings, pair: int = 0) -> dict[str, CoreSlot]:
+    """The prefill and decode slots of pair `pair` (baseline runs in the prefill slot); on one
+    instance pair i takes the (2i)-th and (2i+1)-th blocks of `tp_degree` cores."""
+    tp, total, pairs = settings.tp_degree, settings.instance_cores, settings.pairs
+    prefill: str | None
+    decode: str | None
     if settings.single_instance:
-        if 2 * tp > total:
+        servers = 2 * pairs
+        if servers * tp > total:
             raise LaunchError(
-                f"--tp-degree {tp} x 2 servers (prefill + decode) needs {2 * tp} logical cores "
-                f"but the instance has {total} (--instance-cores): use --tp-degree {total // 2} "
-                "or --topology multi-instance"
+                f"--tp-degree {tp} x {servers} servers ({pairs} prefill + {pairs} decode) needs "
+                f"{servers * tp} logical cores but the instance has {total} (--instance-cores): "
+                f"use --tp-degree {max(1, total // servers)} or --topology multi-instance"
             )
-        prefill = settings.prefill_cores or format_core_range(0, tp)
-        decode = settings.decode_cores or format_core_range(tp, tp)
+        if pairs > 1 and (settings.prefill_cores or settings.decode_cores):
+            raise LaunchError(
+                "--prefill-cores/--decode-cores name one pair's cores; with --pairs "
+                f"{pairs} each pair gets the next {2 * tp} cores: leave them out"
+            )
+        prefill = settings.prefill_cores or format_core_range(2 * pair * tp, tp)
+        decode = settings.decode_cores or format_core_range((2 * pair + 1) * tp, tp)
     else:
         if tp > total:
             raise LaunchError(
@@ -43,7 +52,7 @@ def core_slots(settings: Settings) -> dict[str, CoreSlot]:
         "prefill": _slot("prefill_cores", prefill, settings),
         "decode": _slot("decode_cores", decode, settings),
     }
-    if settings.single_instance:
+    if prefill is not None and decode is not None and settings.single_instance:
         shared = set(parse_visible_cores(prefill)) & set(parse_visible_cores(decode))
         if shared:
             raise LaunchError(

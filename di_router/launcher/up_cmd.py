@@ -14,19 +14,22 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import httpx
 
-from di_router.launcher.ports import ensure_ports_free
+from di_router.argv import router_argv
+from di_router.launcher.ports import ALL_INTERFACES, ensure_ports_free
+from di_router.launcher.router_options import add_router_options, check_router_argv, router_flags
 from di_router.launcher.serve_cmd import SERVE_OPTIONS
-from di_router.launcher.server_plan import LOOPBACK, peer_ips, plan_server
-from di_router.launcher.settings import LaunchError, Settings, add_options, run
+from di_router.launcher.server_plan import LOOPBACK, peer_ips, plan_server, server_port
+from di_router.launcher.settings import Settings, add_options, run
 
-ROUTER_MODULE = "di_router.router.cli"
 UP_OPTIONS = (
     *(name for name in SERVE_OPTIONS if name not in ("baseline_port", "host")),
+    "pairs",
+    "router_host",
     "router_port",
     "ready_timeout",
 )
@@ -45,45 +48,61 @@ class ChildSpec:
     name: str
     argv: list[str]
     env: dict[str, str]
-    port: int
+    health_url: str
     listen_ports: dict[str, int]
 
-    @property
-    def health_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}/health"
+
+def _reachable(host: str) -> str:
+    """Where this host reaches a listener bound to `host` (a wildcard is reached on loopback)."""
+    return LOOPBACK if host in ("", ALL_INTERFACES, "::") else host
 
 
-def child_specs(settings: Settings) -> list[ChildSpec]:
-    """Prefill, decode, then the router, all bound to loopback."""
-    if not settings.single_instance:
-        raise LaunchError(
-            "--topology multi-instance: `up` starts everything on this host; on two hosts run "
-            "`di-router serve prefill` and `di-router serve decode` on each, then "
-            "`neuron-proxy-server` on the prefill host"
-        )
-    settings = replace(settings, host=LOOPBACK)
-    specs = [
-        ChildSpec(role, plan.argv, plan.env, plan.port, plan.listen_ports)
-        for role in ("prefill", "decode")
-        for plan in [plan_server(role, settings)]
-    ]
-    prefill_ip, decode_ip = peer_ips(settings)
-    router_argv = [
-        sys.executable,
-        "-m",
-        ROUTER_MODULE,
-        "--prefill-ip", prefill_ip,
-        "--decode-ip", decode_ip,
-        "--prefill-port", str(settings.prefill_port),
-        "--decode-port", str(settings.decode_port),
-        "--host", LOOPBACK,
-        "--port", str(settings.router_port),
-    ]  # fmt: skip
-    router_port = settings.router_port
-    return [
-        *specs,
-        ChildSpec("router", router_argv, {}, router_port, {"--router-port": router_port}),
-    ]
+def router_host(settings: Settings) -> str:
+    """127.0.0.1 when everything is on this host; all interfaces when other hosts (the decode
+    host's clients, a load balancer) must reach it."""
+    if settings.router_host is not None:
+        return settings.router_host
+    return LOOPBACK if settings.single_instance else ALL_INTERFACES
+
+
+def router_url(settings: Settings, router_flags: Sequence[str]) -> str:
+    scheme = "https" if "--ssl-certfile" in router_flags else "http"
+    return f"{scheme}://{_reachable(router_host(settings))}:{settings.router_port}"
+
+
+def child_specs(settings: Settings, router_flags: Sequence[str] = ()) -> list[ChildSpec]:
+    """The servers this host runs, then the router in front of every pair, in pairing order.
+
+    single-instance: each pair's prefill and decode, bound to loopback, router on loopback.
+    multi-instance: this is the prefill host: its prefill server and the router (all interfaces);
+    the decode host runs `di-router serve decode` with the same settings."""
+    if settings.single_instance:
+        settings = replace(settings, host=LOOPBACK)
+        roles: tuple[str, ...] = ("prefill", "decode")
+    else:
+        roles = ("prefill",)
+    specs, pairs = [], []
+    for pair in range(settings.pairs):
+        for role in roles:
+            plan = plan_server(role, settings, pair)
+            name = role if settings.pairs == 1 else f"{role}{pair}"
+            health = f"http://{_reachable(settings.host or ALL_INTERFACES)}:{plan.port}/health"
+            specs.append(ChildSpec(name, plan.argv, plan.env, health, plan.listen_ports))
+        pairs.append(backend_urls(settings, pair))
+    argv = router_argv(router_host(settings), settings.router_port, pairs, router_flags)
+    check_router_argv(argv[3:])
+    ports = {"--router-port": settings.router_port}
+    health = router_url(settings, router_flags) + "/health"
+    return [*specs, ChildSpec("router", argv, {}, health, ports)]
+
+
+def backend_urls(settings: Settings, pair: int) -> tuple[str, str]:
+    """(prefill URL, decode URL) of pair `pair`, as the router reaches them."""
+    prefill_ip, decode_ip = (LOOPBACK, LOOPBACK) if settings.single_instance else peer_ips(settings)
+    return (
+        f"http://{prefill_ip}:{server_port('prefill', settings, pair)}",
+        f"http://{decode_ip}:{server_port('decode', settings, pair)}",
+    )
 
 
 def log(message: str, name: str = "up") -> None:
@@ -121,13 +140,14 @@ class Supervisor:
             loop.add_signal_handler(sig, self._request_stop, sig)
         try:
             # Prefill and decode handshake with each other, so they must start together.
-            for group in (self.specs[:2], self.specs[2:]):
+            for group in (self.specs[:-1], self.specs[-1:]):
                 for spec in group:
                     await self._start(spec)
                 status = await self._until(self._all_healthy(group), group)
                 if status is not None:
                     return status
-            log(f"ready: send requests to http://{LOOPBACK}:{self.specs[-1].port}/v1/completions")
+            base = self.specs[-1].health_url.removesuffix("/health")
+            log(f"ready: send requests to {base}/v1/completions")
             if self.on_ready is not None:
                 self.on_ready()
             status = await self._until(None, [])
@@ -165,7 +185,9 @@ class Supervisor:
             log(text, name)
 
     async def _all_healthy(self, group: list[ChildSpec]) -> None:
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        # Liveness of children we started, on this host: a router with its own TLS certificate
+        # is checked without verifying it (no data is exchanged).
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False, verify=False) as client:
             await asyncio.gather(*(self._healthy(spec, client) for spec in group))
 
     async def _healthy(self, spec: ChildSpec, client: httpx.AsyncClient) -> None:
@@ -232,7 +254,7 @@ class Supervisor:
 def up(
     args: argparse.Namespace, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> int:
-    specs = child_specs(settings)
+    specs = child_specs(settings, router_flags(args))
     ensure_ports_free({flag: port for spec in specs for flag, port in spec.listen_ports.items()})
     timeout = settings.ready_timeout or DEFAULT_READY_TIMEOUT[settings.engine]
     return asyncio.run(Supervisor(specs, timeout, on_ready).run())
@@ -242,15 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     """`up`'s options alone, for commands (like `demo`) that start the stack themselves."""
     parser = argparse.ArgumentParser(prog="di-router up")
     add_options(parser, UP_OPTIONS)
+    add_router_options(parser)
     return parser
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "up",
-        help="start prefill, decode and the router together (single instance)",
-        description="Start prefill, decode and the router, wait until each is healthy, prefix "
-        "their log lines, and stop all of them on Ctrl-C/SIGTERM or when one dies.",
+        help="start the servers of this host and the router in front of them",
+        description="single-instance: start every pair's prefill and decode (--pairs) and the "
+        "router on 127.0.0.1; multi-instance: start this prefill host's server and the router on "
+        "all interfaces (the decode host runs `di-router serve decode`). Wait until each is "
+        "healthy, prefix their log lines, and stop all of them on Ctrl-C/SIGTERM or when one dies.",
     )
     add_options(parser, UP_OPTIONS)
+    add_router_options(parser)
     parser.set_defaults(func=run("up", up))

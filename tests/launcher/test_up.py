@@ -143,7 +143,7 @@ def test_a_server_that_fails_to_start_stops_the_others() -> None:
             assert not alive(pid), f"{name} still running"
 
 
-def test_up_refuses_multi_instance() -> None:
+def test_up_multi_instance_needs_both_host_ips() -> None:
     argv = launcher_argv(
         "up", "--engine", "sim", "--model-path", MODEL, "--topology", "multi-instance"
     )
@@ -152,7 +152,7 @@ def test_up_refuses_multi_instance() -> None:
         env=launcher_env(), capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2
-    assert "`up` starts everything on this host" in result.stderr
+    assert "--prefill-ip is required for multi-instance" in result.stderr
 
 
 def test_health_wait_is_bounded_and_names_what_did_not_come_up() -> None:
