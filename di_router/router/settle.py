@@ -113,7 +113,7 @@ class Settler:
                 outcome = "released"
                 break
             except UpstreamError as exc:
-                if exc.rejected:
+                if not exc.never_arrived:  # a pull that reached decode may wait there: no second
                     log.warning("could not release a KV entry: %s", exc.message)
                     break
                 await asyncio.sleep(delay)
