@@ -16,6 +16,8 @@ from di_router.neuron_cores import parse_visible_cores
 
 KVRole = Literal["kv_producer", "kv_consumer", "kv_both"]
 NEURON_CONNECTOR = "NeuronConnector"
+NIXL_CONNECTOR = "NixlConnector"
+"""vLLM V1's connector: KV moves per request, named by `kv_transfer_params`, any P to any D."""
 DEFAULT_KV_PORT = 14579
 
 
@@ -35,6 +37,8 @@ class KVTransferConfig(BaseModel):
     kv_port: int = DEFAULT_KV_PORT
     kv_map_path: str | None = None
     neuron_core_offset: int | None = 0
+    engine_id: str | None = None
+    """vLLM V1: this instance's id in KV transfers (`remote_engine_id`); a uuid when unset."""
     etcd: str | None = None
     """Neuron 2.26 (dynamic xPyD): `HOST:PORT` of the etcd server the worker registers in."""
 
@@ -65,6 +69,10 @@ class KVTransferConfig(BaseModel):
         if not 0 < self.kv_port < 65536:
             raise ValueError(f"kv_port: {self.kv_port} is not a TCP port")
         return self
+
+    @property
+    def is_nixl(self) -> bool:
+        return self.kv_connector == NIXL_CONNECTOR and self.kv_role is not None
 
     @property
     def is_kv_transfer_instance(self) -> bool:

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from di_router.sim.clock import Clock
-from di_router.sim.kv_channel import KVEntry, KVEntryStore
+from di_router.sim.kv_channel import KVEntry, KVEntryStore, KVMissing
 from di_router.sim.metrics import SimMetrics
 from di_router.sim.profiles import TimingProfile
 from di_router.sim.sequence import Sequence, SequenceError, TokenOutput
@@ -35,6 +36,8 @@ class Role(StrEnum):
     BASELINE = "baseline"
     PREFILL = "prefill"
     DECODE = "decode"
+    NIXL = "nixl"
+    """vLLM V1 with NixlConnector: a baseline whose requests may offer or pull KV (per request)."""
 
 
 LookupFn = Callable[[str], Awaitable[tuple[int, int]]]
@@ -101,7 +104,7 @@ class Engine:
         """
         if seq.finished or seq.aborted:
             return
-        if seq in self.transferring and not self._abort_transferring:
+        if seq in self.transferring and not (self._abort_transferring or seq.v1):
             self.aborts_ignored += client_gone
             return
         seq.aborted = True
@@ -136,7 +139,7 @@ class Engine:
             seq = self.waiting.popleft()
             seq.scheduled_at = self.clock.now()
             self.slots_in_use += 1
-            if self.role is Role.DECODE:
+            if self.role is Role.DECODE or seq.kv_pull is not None:
                 self.transferring[seq] = asyncio.create_task(self._receive(seq))
             else:
                 self.prefill_queue.append(seq)
@@ -161,13 +164,15 @@ class Engine:
         self._emit(seq, seq.append(token))
         if self.role is Role.PREFILL:
             # The KV is offered at the prefill step; the slot stays until it has been pulled.
-            assert self.kv_store is not None
-            seq.kv_pending = True
-            self.kv_store.put(
-                seq.engine_id,
-                KVEntry(token, seq.prompt_tokens, release=lambda: self._kv_sent(seq)),
-            )
+            self._offer(seq, token)
         self._continue(seq)
+
+    def _offer(self, seq: Sequence, token: int) -> None:
+        assert self.kv_store is not None
+        seq.kv_pending = True
+        self.kv_store.put(
+            seq.engine_id, KVEntry(token, seq.prompt_tokens, release=lambda: self._kv_sent(seq))
+        )
 
     def _continue(self, seq: Sequence) -> None:
         """After a sequence's first token: run on, or finish."""
@@ -178,6 +183,9 @@ class Engine:
             self._wake.set()
 
     def _finish(self, seq: Sequence) -> None:
+        if seq.kv_offer and seq.finish_reason == "length":
+            # V1 `NixlConnector.request_finished`: only a length-capped request keeps its blocks.
+            self._offer(seq, seq.generated[-1])
         if seq.kv_pending:
             self.transferring[seq] = None  # pinned until the consumer has pulled the KV
         else:
@@ -190,29 +198,40 @@ class Engine:
             self._release_slot()
 
     async def _receive(self, seq: Sequence) -> None:
-        assert self._lookup is not None
+        pull = seq.kv_pull
+        if pull is None:
+            assert self._lookup is not None
+            pull = functools.partial(self._lookup, seq.engine_id)
         try:
             async with asyncio.timeout(self._kv_timeout_s or None):
-                token, num_tokens = await self._lookup(seq.engine_id)
+                token, num_tokens = await pull()
         except TimeoutError:
             self._kv_timed_out(seq)
             return
+        except KVMissing as exc:
+            self._kv_failed(seq, str(exc))
+            return
         await self.clock.sleep(self.profile.kv_transfer_seconds(num_tokens))
         self.transferring.pop(seq, None)
-        # The consumer's first step skips the forward pass and outputs the pulled token.
-        self._emit(seq, seq.append(token))
+        # V0 (Neuron): the first step skips the forward pass and outputs the pulled token.
+        # V1: the consumer recomputes the last prompt token and samples its first token itself.
+        self._emit(seq, seq.append(seq.sample() if seq.v1 else token))
         self._continue(seq)
 
     def _kv_timed_out(self, seq: Sequence) -> None:
         """`--sim-kv-timeout` only: fail the request instead of waiting for its KV forever."""
-        self.transferring.pop(seq, None)
         self.kv_timeouts += 1
-        seq.finished = True
-        message = (
+        self._kv_failed(
+            seq,
             f"KV transfer failed: no prefill entry for engine request id {seq.engine_id!r} "
             f"within {self._kv_timeout_s:g}s (was the same X-Request-Id sent to the prefill "
-            "server?)"
+            "server?)",
         )
+
+    def _kv_failed(self, seq: Sequence, message: str) -> None:
+        """The request fails and frees its slot (V1's `kv_load_failure_policy` "fail")."""
+        self.transferring.pop(seq, None)
+        seq.finished = True
         seq.outputs.put_nowait((seq.index, SequenceError(500, message)))
         self._release_slot()
 

@@ -11,6 +11,9 @@ It follows Neuron's connector (`vllm/distributed/kv_transfer/neuron/neuron_buffe
 - A lookup is keyed by the engine request id only. A lookup for an entry that does not exist
   yet is retried without end (`recv_handler` re-queues it); here the producer holds the lookup
   until the entry appears, one message instead of a busy loop, with the same outcome.
+Any-to-any (vLLM V1 NIXL, Neuron 2.26 with etcd): a producer serves every consumer that asks,
+and a consumer keeps one client per producer it pulls from (`KVPeers`). A V1 lookup names blocks
+that exist or not: a missing entry is answered at once (`KVMissing`) instead of waited for.
 Departure: when the peer's connection drops (a server restarted), the producer accepts a new
 consumer and the consumer pairs again, re-sending its pending lookups. In the fork a REQ/REP pair
 cannot recover (the REQ socket waits forever for the lost reply): both servers need a restart.
@@ -35,6 +38,10 @@ log = logging.getLogger("di_router.sim.kv")
 RETRY_S = 0.1
 CONNECT_TIMEOUT_S = 5.0
 WAIT_LOG_INTERVAL_S = 5.0
+
+
+class KVMissing(Exception):
+    """The producer has no such entry (never made, already pulled, or expired)."""
 
 
 @dataclass
@@ -81,9 +88,12 @@ class KVEntryStore:
             self.counters.expired += 1
             entry.release()
 
-    async def take(self, engine_id: str) -> KVEntry:
-        """Wait (without end, like the fork's lookup) for the entry; release it after transfer."""
+    async def take(self, engine_id: str, wait: bool = True) -> KVEntry:
+        """Wait (without end, like the fork's lookup) for the entry; release it after transfer.
+        Without `wait` (V1), a missing entry raises `KVMissing`."""
         while (entry := self._entries.pop(engine_id, None)) is None:
+            if not wait:
+                raise KVMissing(f"no KV for request {engine_id!r} on this producer")
             waiter = asyncio.get_running_loop().create_future()
             waiters = self._waiters.setdefault(engine_id, [])
             waiters.append(waiter)
@@ -106,9 +116,12 @@ def _line(message: dict[str, Any]) -> bytes:
 class KVChannelServer:
     """Producer side: binds `kv_port`, pairs with one consumer and answers its lookups."""
 
-    def __init__(self, store: KVEntryStore, nc_offset: int | None) -> None:
+    def __init__(
+        self, store: KVEntryStore, nc_offset: int | None, any_consumer: bool = False
+    ) -> None:
         self._store = store
         self._nc_offset = nc_offset
+        self._any_consumer = any_consumer
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.StreamWriter] = set()
         self.peer: str | None = None
@@ -133,7 +146,7 @@ class KVChannelServer:
             hello = orjson.loads(await reader.readline() or b"{}")
             if hello.get("hello") != "client":
                 return  # a port probe (e.g. `di-router doctor`), not a consumer
-            if self.peer is not None:
+            if self.peer is not None and not self._any_consumer:
                 reason = f"this producer is already paired with the consumer at {self.peer}"
                 log.warning("KV handshake: refused the consumer at %s: %s", address, reason)
                 writer.write(_line({"refused": reason}))
@@ -152,7 +165,9 @@ class KVChannelServer:
                 tag = int(message["tag"])
                 if "lookup" in message:
                     lookups[tag] = asyncio.create_task(
-                        self._answer(writer, str(message["lookup"]), tag, lookups)
+                        self._answer(
+                            writer, str(message["lookup"]), tag, lookups, message.get("wait", True)
+                        )
                     )
                 elif (task := lookups.pop(tag, None)) is not None:
                     task.cancel()
@@ -175,12 +190,16 @@ class KVChannelServer:
         engine_id: str,
         tag: int,
         lookups: dict[int, asyncio.Task[None]],
+        wait: bool,
     ) -> None:
-        entry = await self._store.take(engine_id)
+        try:
+            entry = await self._store.take(engine_id, wait)
+        except KVMissing as exc:
+            reply: dict[str, Any] = {"tag": tag, "missing": str(exc)}
+        else:
+            reply = {"tag": tag, "token_id": entry.token_id, "num_tokens": entry.num_tokens}
         lookups.pop(tag, None)
-        writer.write(
-            _line({"tag": tag, "token_id": entry.token_id, "num_tokens": entry.num_tokens})
-        )
+        writer.write(_line(reply))
 
 
 class KVChannelClient:
@@ -191,6 +210,7 @@ class KVChannelClient:
         self._host, self._port = host, port
         self._nc_offset = nc_offset
         self._pending: dict[int, tuple[str, asyncio.Future[tuple[int, int]]]] = {}
+        self._waits: dict[int, bool] = {}
         self._tags = itertools.count()
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -208,15 +228,18 @@ class KVChannelClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def lookup(self, engine_id: str) -> tuple[int, int]:
-        """(first token id, KV tokens) of `engine_id`, however long the producer takes."""
+    async def lookup(self, engine_id: str, wait: bool = True) -> tuple[int, int]:
+        """(first token id, KV tokens) of `engine_id`, however long the producer takes; without
+        `wait`, `KVMissing` if the producer does not hold it."""
         tag = next(self._tags)
         future: asyncio.Future[tuple[int, int]] = asyncio.get_running_loop().create_future()
         self._pending[tag] = (engine_id, future)
-        self._send({"lookup": engine_id, "tag": tag})
+        self._waits[tag] = wait
+        self._send({"lookup": engine_id, "tag": tag, "wait": wait})
         try:
             return await future
         finally:
+            self._waits.pop(tag, None)
             if self._pending.pop(tag, None) is not None:
                 self._send({"cancel": engine_id, "tag": tag})
 
@@ -285,10 +308,35 @@ class KVChannelClient:
         self.paired.set()
         self._writer = writer
         for tag, (engine_id, _) in self._pending.items():  # lookups lost with a previous peer
-            self._send({"lookup": engine_id, "tag": tag})
+            self._send({"lookup": engine_id, "tag": tag, "wait": self._waits.get(tag, True)})
         while line := await reader.readline():
             message = orjson.loads(line)
             pending = self._pending.pop(int(message["tag"]), None)
-            if pending is not None and not pending[1].done():
+            if pending is None or pending[1].done():
+                continue
+            if "missing" in message:
+                pending[1].set_exception(KVMissing(f"{self._address}: {message['missing']}"))
+            else:
                 pending[1].set_result((int(message["token_id"]), int(message["num_tokens"])))
         self._waiting("the producer went away; pairing again", alarming=True)
+
+
+class KVPeers:
+    """Consumer side, any-to-any: one side channel per producer, opened on first use."""
+
+    def __init__(self, nc_offset: int | None) -> None:
+        self._nc_offset = nc_offset
+        self._clients: dict[tuple[str, int], KVChannelClient] = {}
+
+    def get(self, host: str, port: int) -> KVChannelClient:
+        client = self._clients.get((host, port))
+        if client is None:
+            client = self._clients[host, port] = KVChannelClient(host, port, self._nc_offset)
+            client.start()
+        return client
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(client.close() for client in self._clients.values()))

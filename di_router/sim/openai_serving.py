@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -17,6 +17,7 @@ from quart import Response, request
 
 from di_router.sim.engine import Engine
 from di_router.sim.protocol import CompletionRequest, ParsedRequest, RequestError, parse_request
+from di_router.sim.remote_kv import KVPlan
 from di_router.sim.responses import ResponseHead, usage
 from di_router.sim.sequence import Sequence, SequenceError
 from di_router.sim.server import SimServer
@@ -59,6 +60,15 @@ async def generate(server: SimServer, chat: bool) -> Response:
         return error_response(exc.status, exc.message)
 
     base_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    remote = server.remote_kv
+    try:
+        plan = (
+            KVPlan(base_id)
+            if remote is None
+            else remote.plan(payload, base_id, len(parsed.prompts))
+        )
+    except RequestError as exc:
+        return error_response(exc.status, exc.message)
     # `model` is served_model_name[0] whatever alias the request used (OpenAIServingModels).
     head = ResponseHead(
         f"{'chatcmpl' if chat else 'cmpl'}-{base_id}", int(time.time()), settings.model_name, chat
@@ -66,17 +76,23 @@ async def generate(server: SimServer, chat: bool) -> Response:
     engine = server.engine
     assert engine is not None
     outputs: asyncio.Queue[Any] = asyncio.Queue()
+    # The KV key: vLLM's request id, without a Neuron 2.26 peer suffix (`remote_kv`).
+    key = f"{'chatcmpl' if chat else 'cmpl'}-{plan.key_base}"
+    engine_ids = [key if chat else f"{key}-{i}" for i in range(len(parsed.prompts))]
     seqs = [
         Sequence(
-            engine_id=head.id if chat else f"{head.id}-{i}",
+            engine_id=engine_id,
             index=i,
             prompt_tokens=job.num_tokens,
             prompt_key=prompt_key(job.key_source),
             params=parsed.params,
             eos_probability=settings.eos_probability,
             outputs=outputs,
+            kv_pull=plan.pull(engine_id) if plan.pull else None,
+            kv_offer=plan.offer,
+            v1=plan.v1,
         )
-        for i, job in enumerate(parsed.prompts)
+        for i, (engine_id, job) in enumerate(zip(engine_ids, parsed.prompts, strict=True))
     ]
     for seq in seqs:
         server.metrics.prompt_tokens.inc(seq.prompt_tokens)
@@ -85,16 +101,23 @@ async def generate(server: SimServer, chat: bool) -> Response:
         response = Response(_stream(engine, seqs, head, parsed), content_type=SSE_CONTENT_TYPE)
         response.timeout = None
         return response
+    kv_params = remote.produced_params if remote is not None and remote.mode == "nixl" else None
     try:
-        return await _collect(engine, seqs, head, parsed)
+        return await _collect(engine, seqs, head, parsed, kv_params)
     finally:
         for seq in seqs:
             engine.abort(seq)
 
 
 async def _collect(
-    engine: Engine, seqs: list[Sequence], head: ResponseHead, parsed: ParsedRequest
+    engine: Engine,
+    seqs: list[Sequence],
+    head: ResponseHead,
+    parsed: ParsedRequest,
+    kv_params: Callable[[Sequence], dict[str, Any] | None] | None,
 ) -> Response:
+    """The whole answer; a V1 (NIXL) server adds `kv_transfer_params`, those of the first
+    prompt as vLLM's `serving_completion` does."""
     finish: dict[int, tuple[str, str | int | None]] = {}
     outputs = seqs[0].outputs
     while len(finish) < len(seqs):
@@ -110,7 +133,10 @@ async def _collect(
     ]
     prompt_tokens = sum(s.prompt_tokens for s in seqs)
     completion_tokens = sum(len(s.generated) for s in seqs)
-    return json_response(head.response(choices, usage(prompt_tokens, completion_tokens)))
+    body = head.response(choices, usage(prompt_tokens, completion_tokens))
+    if kv_params is not None:
+        body["kv_transfer_params"] = kv_params(seqs[0])
+    return json_response(body)
 
 
 def _echo(parsed: ParsedRequest, seq: Sequence) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import random
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from di_router.sim.tokenizer import EOS_TOKEN_ID, FIRST_WORD_ID, VOCAB, token_text
@@ -69,6 +70,15 @@ class Sequence:
     aborted: bool = False
     kv_pending: bool = False
     """Producer: its KV has not left yet, so a finished sequence keeps its slot."""
+    kv_pull: Callable[[], Awaitable[tuple[int, int]]] | None = None
+    """Where this request's KV comes from, whatever the engine's role: the remote named by
+    vLLM V1's `kv_transfer_params`, or the Neuron 2.26 peer named in the request id."""
+    kv_offer: bool = False
+    """vLLM V1 `do_remote_decode`: keep the KV for a remote pull if the request ends capped."""
+    v1: bool = False
+    """vLLM V1 semantics: a consumer computes its first token itself, and an abort also frees a
+    request still waiting for its KV (V1's scheduler finds it in `waiting`)."""
+    finish_reason: str | None = None
     arrived_at: float = 0.0
     scheduled_at: float = 0.0
     first_token_at: float = 0.0
@@ -109,6 +119,7 @@ class Sequence:
             finish = "length"
         self.text += delta
         self.finished = finish is not None
+        self.finish_reason = finish
         return TokenOutput(token_id, delta, finish, stop_reason)
 
     def _truncate_at_stop(self, delta: str) -> tuple[str, str | None]:

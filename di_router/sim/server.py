@@ -7,10 +7,12 @@ import functools
 import logging
 from typing import Any
 
+from di_router.kv_config import KVTransferConfig
 from di_router.sim.clock import Clock
 from di_router.sim.engine import Engine, Role
-from di_router.sim.kv_channel import KVChannelClient, KVChannelServer, KVEntryStore
+from di_router.sim.kv_channel import KVChannelClient, KVChannelServer, KVEntryStore, KVPeers
 from di_router.sim.metrics import SimMetrics
+from di_router.sim.remote_kv import RemoteKV, etcd_kv_port, nixl_abort_timeout, nixl_side_channel
 from di_router.sim.settings import SimSettings
 
 log = logging.getLogger("di_router.sim")
@@ -26,6 +28,7 @@ class SimServer:
         self.kv_store: KVEntryStore | None = None
         self.kv_server: KVChannelServer | None = None
         self.kv_client: KVChannelClient | None = None
+        self.remote_kv: RemoteKV | None = None
         self.engine: Engine | None = None
 
     async def start(self) -> None:
@@ -37,7 +40,9 @@ class SimServer:
         s = self.settings
         kv = s.kv_config
         lookup = None
-        if s.role is Role.PREFILL:
+        if kv is not None and (kv.is_nixl or (kv.etcd is not None and s.role is not Role.BASELINE)):
+            await self._start_any_to_any(kv)
+        elif s.role is Role.PREFILL:
             assert kv is not None
             self.kv_store = KVEntryStore(
                 self.clock, s.kv_entry_ttl_s, s.profile.kv_transfer_seconds
@@ -66,6 +71,30 @@ class SimServer:
         self.engine.start()
         self._register_gauges(self.engine)
 
+    async def _start_any_to_any(self, kv: KVTransferConfig) -> None:
+        """No pairing at startup (vLLM V1 NIXL, Neuron 2.26 with etcd): a producer's side channel
+        serves every consumer; a consumer opens one per producer when a request names it."""
+        s = self.settings
+        if kv.is_nixl:
+            advertised, port = nixl_side_channel()
+            ttl = nixl_abort_timeout()
+        else:
+            advertised, port, ttl = s.host, etcd_kv_port(s.port), s.kv_entry_ttl_s
+        if kv.is_nixl or s.role is Role.PREFILL:
+            self.kv_store = KVEntryStore(self.clock, ttl, s.profile.kv_transfer_seconds)
+            self.kv_server = KVChannelServer(
+                self.kv_store, kv.neuron_core_offset, any_consumer=True
+            )
+            await self.kv_server.start(s.host, port)
+            log.info("KV side channel on port %d, open to any consumer", port)
+        self.remote_kv = RemoteKV(
+            "nixl" if kv.is_nixl else "etcd",
+            KVPeers(kv.neuron_core_offset),
+            consumer=s.role is Role.DECODE,
+            side_channel=(advertised, port),
+            engine_id=kv.engine_id,
+        )
+
     async def _paired(self, paired: asyncio.Event) -> None:
         timeout = self.settings.kv_handshake_timeout_s or None
         try:
@@ -90,6 +119,8 @@ class SimServer:
             await self.kv_server.close()
         if self.kv_client is not None:
             await self.kv_client.close()
+        if self.remote_kv is not None:
+            await self.remote_kv.peers.close()
 
     def _register_gauges(self, engine: Engine) -> None:
         m = self.metrics
@@ -179,4 +210,6 @@ class SimServer:
             }
         if self.kv_server is not None:
             stats["kv_peer"] = self.kv_server.peer
+        if self.remote_kv is not None:
+            stats["kv_producers_pulled_from"] = len(self.remote_kv.peers)
         return stats

@@ -36,6 +36,8 @@ class SimSettings:
     @property
     def role(self) -> Role:
         kv = self.kv_config
+        if kv is not None and kv.is_nixl:
+            return Role.NIXL
         if kv is None or not kv.is_kv_transfer_instance or kv.kv_role == "kv_both":
             return Role.BASELINE
         return Role.PREFILL if kv.is_kv_producer else Role.DECODE
