@@ -37,6 +37,8 @@ class NixlProtocol:
     pairing = "any"
 
     def unsupported(self, view: RequestView, chat: bool) -> tuple[str, str] | None:
+        if view.prompt_count > 1:  # vLLM answers with the first prompt's kv_transfer_params only
+            return "prompt", "a list of prompts is not supported with --kv-protocol nixl"
         return di_unsupported(view, chat)
 
     def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
@@ -82,14 +84,17 @@ class NixlExchange(Exchange):
                 "prefill", 504, "timeout", f"prefill server {what}", self.prefill.backend.url
             ) from None
         params = answer.get("kv_transfer_params")
-        if not isinstance(params, dict):
+        # null: prefill kept no KV (it did not end length-capped, e.g. EOS first); decode then
+        # prefills on its own, as vLLM's P/D proxy does.
+        if not isinstance(params, dict) and not (params is None and "kv_transfer_params" in answer):
             raise UpstreamError.make(
                 "prefill", 502, "bad_response",
                 "prefill server answered without kv_transfer_params (is it a NIXL producer?)",
             )  # fmt: skip
         spec.trace.prefill_done = time.perf_counter()
         body = orjson.loads(spec.raw)
-        body["kv_transfer_params"] = params
+        if params is not None:
+            body["kv_transfer_params"] = params
         self.decode = spec.open_leg(spec.decode, orjson.dumps(body))
         self.legs = (self.prefill, self.decode)
         if spec.stream:  # up to decode's first token: nothing has reached the client yet
