@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 
 from di_router.bench import compare_report, llmperf_results, loadgen, runner
 from di_router.bench.loadgen import LoadRun, RequestResult, RequestSpec
+from di_router.bench.progress import Progress
 
 
 def trace(index: int, times: list[float], tokens: int | None = None, **kw) -> RequestResult:
@@ -151,3 +153,22 @@ def test_verdict_follows_the_numbers():
     assert expected in compare_report.verdict(split, 8)
     assert "DI wins on throughput (DI 30.0 req/min, baseline x0.5 12.0)" in sentence
     assert "| 4 " in compare_report.table(cmp)
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only():
+    screen, pipe = Terminal(), io.StringIO()
+    on_screen, piped = Progress(4, "di c=4 ", screen), Progress(4, "", pipe)
+    for result in (STALLED, FAILED, SINGLE):
+        on_screen(result)
+        piped(result)
+    on_screen.close()
+    piped.close()
+    assert pipe.getvalue() == ""
+    last = screen.getvalue().split("\r")[-1]
+    assert last.startswith("di c=4 [######################........] 3/4 requests, 1 errors, ")
+    assert last.endswith(" req/min\n")

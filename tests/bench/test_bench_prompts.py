@@ -40,7 +40,7 @@ def test_unknown_tokenizer_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_a_local_tokenizer_json_sizes_prompts(tmp_path):
+def test_a_local_tokenizer_json_sizes_prompts(tmp_path, monkeypatch):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import models, pre_tokenizers, processors, trainers
 
@@ -60,3 +60,13 @@ def test_a_local_tokenizer_json_sizes_prompts(tmp_path):
     assert {s.input_tokens for s in specs} == {200}
     assert all(real.count_prompt(s.prompt) == 200 for s in specs)
     assert any(prompt_token_count(s.prompt) != 200 for s in specs)  # really another tokenizer
+
+    # an installed package that ships a tokenizer.json (anywhere inside it) is found by name
+    package = tmp_path / "site" / "shipped_tokenizer"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (tmp_path / "tokenizer.json").rename(package / "data" / "tokenizer.json")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    shipped = load_tokenizer("shipped_tokenizer")
+    assert shipped.name.endswith("data/tokenizer.json")
+    assert shipped.count_prompt("Shall I compare thee?") == 6
