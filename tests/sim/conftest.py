@@ -92,13 +92,19 @@ def texts(resp: httpx.Response) -> list[str]:
 
 
 def paired(
-    prefill: Proc, decode: Proc, path: str, body: dict[str, Any], rid: str
+    prefill: Proc,
+    decode: Proc,
+    path: str,
+    body: dict[str, Any],
+    rid: str,
+    decode_rid: str | None = None,
 ) -> tuple[httpx.Response, httpx.Response]:
-    """Prefill (max_tokens=1) and decode of one request sent concurrently with one X-Request-Id."""
+    """Prefill (max_tokens=1) and decode of one request sent concurrently with one X-Request-Id
+    (or, with `decode_rid`, each with its own: Neuron 2.26 ids name the peer)."""
     one = {**body, "max_tokens": 1}
     one.pop("max_completion_tokens", None)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        d = pool.submit(post, decode, path, body, rid)
+        d = pool.submit(post, decode, path, body, decode_rid or rid)
         p = pool.submit(post, prefill, path, one, rid)
         return p.result(), d.result()
 
