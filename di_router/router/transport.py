@@ -27,6 +27,9 @@ def _mapped_errors() -> Iterator[None]:
         raise httpx.ConnectTimeout(str(exc) or "connect timeout") from exc
     except aiohttp.SocketTimeoutError as exc:  # no byte within the read timeout
         raise httpx.ReadTimeout(str(exc) or "read timeout") from exc
+    except aiohttp.ClientSSLError as exc:  # the TLS handshake failed: say why, not "refused"
+        cause = getattr(exc, "certificate_error", None) or getattr(exc, "os_error", exc)
+        raise httpx.ConnectError(str(exc)) from cause
     except aiohttp.ClientConnectorError as exc:  # refused, unreachable, out of descriptors
         raise httpx.ConnectError(str(exc)) from exc
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:

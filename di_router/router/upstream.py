@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from enum import IntEnum
 from typing import Any
@@ -60,7 +61,12 @@ class UpstreamError(Exception):
     @property
     def never_arrived(self) -> bool:
         """The request never reached the backend (no connection)."""
-        return self.error_type in ("connect_error", "connect_timeout", "no_descriptors")
+        return self.error_type in (
+            "connect_error",
+            "connect_timeout",
+            "no_descriptors",
+            "tls_error",
+        )
 
 
 def normalise_error_body(status: int, raw: bytes) -> dict[str, Any]:
@@ -279,7 +285,10 @@ class Leg:
             kind, what, status = "connect_timeout", "did not accept a connection in time", 504
         elif isinstance(exc, httpx.ConnectError):
             cause = exc.__cause__
-            if isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
+            if isinstance(cause, ssl.SSLError):
+                kind, what, status = "tls_error", "failed the TLS handshake: its certificate " \
+                    "is not trusted (see --ssl-ca-file)", 502  # fmt: skip
+            elif isinstance(cause, OSError) and cause.errno in (errno.EMFILE, errno.ENFILE):
                 kind, what, status = "no_descriptors", "could not be reached: the router is " \
                     "out of file descriptors", 503  # fmt: skip
             else:

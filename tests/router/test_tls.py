@@ -163,11 +163,6 @@ def test_backend_certificate_from_an_unknown_ca_is_refused_with_502(cert, tmp_pa
     assert ready == 503  # the health checks fail the same way
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="di_router/router/upstream.py:_transport_error reports every ConnectError, a failed "
-    "certificate check included, as 'refused the connection'",
-)
 def test_unknown_ca_error_says_the_certificate_was_refused(cert, tmp_path):
     _, error, _ = _untrusted_backends_answer(cert, tmp_path)
     assert "certificate" in error["message"], error
