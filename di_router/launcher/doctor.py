@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import pwd
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from di_router.launcher.settings import LaunchError, Settings, add_options, comp
 from di_router.launcher.topology import core_slots
 
 EFA_SYSFS = Path("/sys/class/infiniband")
+KV_PROBE_TIMEOUT_S = 2.0
 NEURON_VENV_HINT = "source ~/aws_neuronx_venv_pytorch_2_7_nxd_inference/bin/activate"
 DOCTOR_OPTIONS = (
     "model_path",
@@ -33,6 +35,7 @@ DOCTOR_OPTIONS = (
     "prefill_port",
     "decode_port",
     "router_port",
+    "prefill_ip",
     "kv_port",
     "prefill_cores",
     "decode_cores",
@@ -156,6 +159,32 @@ def check_ports(settings: Settings) -> list[Finding]:
     return [Finding(problem) for problem in busy_port_problems(ports)]
 
 
+def check_kv_peer(settings: Settings) -> list[Finding]:
+    """A decode host's consumer pairs with `kv_ip:kv_port` before it serves, with no timeout: a
+    wrong address means a server that never becomes healthy. Probe it (multi-instance, where
+    the producer runs elsewhere and should be up already)."""
+    if settings.single_instance or settings.prefill_ip is None:
+        return []
+    address = (settings.prefill_ip, settings.kv_port or DEFAULT_KV_PORT)
+    try:
+        socket.create_connection(address, timeout=KV_PROBE_TIMEOUT_S).close()
+        return []
+    except ConnectionRefusedError:
+        reason = "connection refused: nothing listens there"
+    except TimeoutError:
+        reason = f"no answer within {KV_PROBE_TIMEOUT_S:g} s (wrong IP, or a firewall drops it)"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    return [
+        Finding(
+            f"the decode server cannot reach its KV producer at {address[0]}:{address[1]} "
+            f"(kv_ip:kv_port): {reason}; it would wait to pair forever and never serve",
+            "start the prefill server first; check --prefill-ip and --kv-port against the "
+            "prefill host's, and that its security group allows TCP to that port",
+        )
+    ]
+
+
 def check_cores(settings: Settings) -> list[Finding]:
     try:
         core_slots(settings)
@@ -186,6 +215,7 @@ CHECKS: dict[str, tuple[Check, bool]] = {
     "model": (check_model, True),
     "compiled artifacts": (check_artifacts, True),
     "ports": (check_ports, False),
+    "kv peer": (check_kv_peer, False),
     "cores": (check_cores, False),
 }
 

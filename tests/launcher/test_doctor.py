@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from di_router.launcher.doctor import check_kv_lock
-from tests.launcher.launcher_helpers import free_port, run_launcher, settings
+from tests.launcher.launcher_helpers import free_port, run_launcher, settings, wait_until
+from tests.support import start_sim
 
 NOBODY = 65534
 
@@ -145,3 +146,51 @@ def test_inherited_core_range_on_multi_instance_is_a_finding() -> None:
     result = run_launcher(*argv, NEURON_RT_VISIBLE_CORES="32-63")
     assert "FAIL  cores: this shell exports NEURON_RT_VISIBLE_CORES" in result.stdout
     assert "Set neuron_core_offset to 32" in result.stdout
+
+
+def _doctor_on_a_decode_host(kv_port: int):
+    ports = {flag: free_port() for flag in ("--prefill-port", "--decode-port", "--router-port")}
+    return run_launcher(
+        "doctor", "--engine", "sim", "--topology", "multi-instance",
+        "--prefill-ip", "127.0.0.1", "--kv-port", str(kv_port),
+        *(str(v) for pair in ports.items() for v in pair),
+    )  # fmt: skip
+
+
+def test_unreachable_kv_producer_is_reported_with_the_reason() -> None:
+    """A consumer whose kv_ip:kv_port reaches no producer never becomes healthy (it waits to
+    pair forever): the doctor says so before launch."""
+    kv_port = free_port()
+    result = _doctor_on_a_decode_host(kv_port)
+    assert result.returncode == 1
+    assert (
+        f"FAIL  kv peer: the decode server cannot reach its KV producer at 127.0.0.1:{kv_port} "
+        "(kv_ip:kv_port): connection refused" in result.stdout
+    ), result.stdout
+    assert "check --prefill-ip and --kv-port" in result.stdout
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_listening_kv_producer_passes() -> None:
+    """A real prefill simulator, still waiting for its consumer (it binds HTTP only once
+    paired), already listens on its KV port; the probe does not take its one pairing."""
+    kv_port = free_port()
+    prefill = start_sim("prefill", kv_port=kv_port)
+    try:
+        wait_until(lambda: _accepts(kv_port), 15, "the producer's KV port")
+        result = _doctor_on_a_decode_host(kv_port)
+        assert "ok    kv peer" in result.stdout, result.stdout
+        decode = start_sim("decode", kv_port=kv_port)  # and a real consumer still pairs
+        try:
+            decode.wait_ready()
+        finally:
+            decode.stop()
+    finally:
+        prefill.stop()
