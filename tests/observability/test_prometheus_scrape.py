@@ -163,7 +163,7 @@ def test_promtool_accepts_the_expositions():
     problems = [ln for ln in (check.stdout + check.stderr).splitlines() if ln.strip()]
     assert check.returncode in (0, 3), problems  # 3: lint findings only, the format parsed
     # vLLM 0.7.2's own names: colons, and a histogram called `vllm:iteration_tokens_total`.
-    expected = (COLON_LINT, 'vllm:iteration_tokens_total non-counter metrics should not have')
+    expected = (COLON_LINT, "vllm:iteration_tokens_total non-counter metrics should not have")
     assert all(ln.endswith(COLON_LINT) or ln.startswith(expected[1]) for ln in problems), problems
     # The check can fail: a malformed exposition is rejected.
     assert promtool_check("di_router_requests_total{endpoint=\n").returncode not in (0, 3)
