@@ -2,7 +2,7 @@
 
 The 2.26 tutorial starts each worker with `"etcd": "HOST:PORT"` in `--kv-transfer-config`; the
 worker then keeps `/workers/<prefill|decode>/<ip>/<api port>` alive under a lease. Here the
-key is put once the server has paired (just before its listener binds) and the lease is revoked
+key is put once the server has started (just before its listener binds) and the lease is revoked
 when it shuts down.
 """
 
