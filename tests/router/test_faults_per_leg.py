@@ -288,4 +288,5 @@ def _check_after_crash(case: Case) -> None:
     wait_until(lambda: in_flight(router) == 0, 5, "in-flight gauge back to 0")
     stats = sim_stats(case.other)
     assert (stats["slots_in_use"], stats["transferring"]) == (1, 1), stats
-    assert metric(router, "di_router_orphaned_decodes") == 1  # the rescue is under way
+    orphaned = "di_router_orphaned_decodes"
+    wait_until(lambda: metric(router, orphaned) == 1, 5, "the rescue under way (orphaned 1)")
