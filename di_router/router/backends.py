@@ -104,7 +104,8 @@ class Selection:
         self.decode = decode
         self.pairing = pairing
         self._policy = policy
-        self._turn = itertools.count()
+        self._turns = {"pair": itertools.count(), "prefill": itertools.count(),
+                       "decode": itertools.count()}  # fmt: skip
         self._rng = random.Random(seed)
 
     def pick(self, exclude: Collection[Backend] = ()) -> tuple[Backend, Backend]:
@@ -120,14 +121,17 @@ class Selection:
             candidates = [p for p in allowed if p[0].state == p[1].state == "up"] or allowed
             if not candidates:
                 candidates = pairs
-            return self._choose(candidates, lambda p: p[0].outstanding + p[1].outstanding)
-        prefill = self._choose(self.prefill.usable(exclude) or self.prefill.backends, _load)
-        decode = self._choose(self.decode.usable(exclude) or self.decode.backends, _load)
+            load = lambda p: p[0].outstanding + p[1].outstanding  # noqa: E731
+            return self._choose("pair", candidates, load)
+        prefill = self._choose("prefill", self.prefill.usable(exclude) or prefills, _load)
+        decode = self._choose("decode", self.decode.usable(exclude) or decodes, _load)
         return prefill, decode
 
-    def _choose(self, candidates: Sequence[T], load: Callable[[T], int]) -> T:
+    def _choose(self, turn: str, candidates: Sequence[T], load: Callable[[T], int]) -> T:
+        """Round robin keeps one turn per kind of pick (pairs, prefills, decodes): a shared
+        one would lock two alternating picks into the same combination."""
         if self._policy == "round_robin" or len(candidates) == 1:
-            return candidates[next(self._turn) % len(candidates)]
+            return candidates[next(self._turns[turn]) % len(candidates)]
         a, b = self._rng.sample(candidates, 2)
         return a if load(a) <= load(b) else b
 

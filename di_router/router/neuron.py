@@ -246,11 +246,19 @@ class NeuronExchange(Exchange):
 
     async def _until_emitted(self) -> None:
         """A streamed decode's first event, or a non-streamed decode's headers (vLLM sends them
-        with the whole answer): either way the request has left `transferring`."""
+        with the whole answer): either way the request has left `transferring`. Both within
+        the decode timeout (a stream's by its silence bound), after which it counts as
+        silent."""
         if self.spec.stream:
             await self.decode.next_events()
-        else:
-            await self.decode.response()
+            return
+        try:
+            async with asyncio.timeout(self.spec.decode_timeout):
+                await self.decode.response()
+        except TimeoutError:
+            raise UpstreamError.make(
+                "decode", 504, "timeout", "decode server stayed silent", self.decode.backend.url
+            ) from None
 
     def _first_failure(self) -> str:
         first = self.first

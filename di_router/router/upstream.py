@@ -21,7 +21,7 @@ import orjson
 
 from di_router.router.backends import Backend
 from di_router.wire.errors import error_body
-from di_router.wire.sse import DONE_DATA, EventTooLarge, SSEDecoder
+from di_router.wire.sse import DONE_DATA, EventTooLarge, MalformedEvent, SSEDecoder
 
 log = logging.getLogger("di_router.upstream")
 
@@ -239,6 +239,10 @@ class Leg:
                 batch = self._decoder.feed(chunk)
             except EventTooLarge as exc:
                 raise self._fail(self._error(502, "too_large", f"sent {exc}")) from None
+            except MalformedEvent:
+                raise self._fail(
+                    self._error(502, "bad_response", "sent a malformed event")
+                ) from None
             if not batch:
                 continue
             if batch[-1] == DONE_DATA or DONE_DATA in batch:

@@ -5,6 +5,8 @@ from __future__ import annotations
 DONE_EVENT = b"data: [DONE]\n\n"
 DONE_DATA = b"[DONE]"
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+_FIELDS = (b"data:", b"event:", b"id:", b"retry:", b":", b"data", b"event", b"id", b"retry")
+"""What an SSE line may start with (a field name alone is a field with an empty value)."""
 
 
 def encode_event(data: bytes) -> bytes:
@@ -13,6 +15,11 @@ def encode_event(data: bytes) -> bytes:
 
 class EventTooLarge(ValueError):
     """An upstream event grew past the decoder's cap: a broken or hostile backend."""
+
+
+class MalformedEvent(ValueError):
+    """An event with a line that is no SSE field at all: vLLM never sends one, so the backend
+    is broken (skipping it, as a browser would, could silently lose a token)."""
 
 
 class SSEDecoder:
@@ -63,10 +70,10 @@ class SSEDecoder:
 
 
 def _data_of(event: bytes) -> bytes:
-    """The event's `data` payload (lines joined by LF), or b"" when it has none."""
+    """The event's `data` payload (lines joined by LF); b"" for a comment-only event."""
     if event.startswith(b"data: ") and b"\n" not in event:
         return event[6:]  # the common case: one `data:` line
-    lines = [
-        line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:")
-    ]
-    return b"\n".join(lines)
+    lines = event.split(b"\n")
+    if any(line and not line.startswith(_FIELDS) for line in lines):
+        raise MalformedEvent(f"an event that is not SSE: {event[:80]!r}")
+    return b"\n".join(line[5:].removeprefix(b" ") for line in lines if line.startswith(b"data:"))

@@ -95,15 +95,6 @@ KNOWN: dict[tuple[str, str, bool], str] = {
     ("malformed_sse", "prefill", True): _LOST_ANSWER,
     ("stall", "decode", True): _SILENT_AFTER_PULL,
     ("stall", "decode", False): _SILENT_AFTER_PULL,
-    ("stall_headers", "decode", False): (
-        "open: a non-streamed decode that sends no headers gets its 504 at the decode timeout, "
-        "but no release follows (none in the router's log): prefill's entry stays pending"
-    ),
-    ("malformed_sse", "decode", True): (
-        "open: an event without `data:` framing is skipped by wire/sse.py's decoder (SSE "
-        "ignores unknown lines), so the stream ends 200 with no error event; issue 10 wants "
-        "every malformed event to end the stream with an error"
-    ),
 }
 """Cases that differ from the README and issue 10 today, with what happens instead."""
 
