@@ -15,6 +15,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefill-port", 8100, int, "prefill server port")
     add("--decode-ip", "localhost", str, "decode (KV consumer) server host")
     add("--decode-port", 8200, int, "decode server port")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file of settings named like the flags (prefill = [...], prefill-timeout = 60); "
+        "flags and DI_ROUTER_* variables win over it",
+    )
     p.add_argument(
         "--prefill",
         action="append",
@@ -340,9 +347,44 @@ def serve(config: RouterConfig) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def apply_config_file(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> dict[str, object]:
+    """`--config FILE`: TOML whose keys are the flags' names (`prefill = ["http://..."]`,
+    `prefill-timeout = 60`). Flags win over the environment, which wins over the file."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv)[0].config
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as file:
+            settings = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        parser.error(f"--config {path}: {exc}")
+    actions = {action.dest: action for action in parser._actions}
+    defaults: dict[str, object] = {}
+    lists: dict[str, object] = {}
+    for key, value in settings.items():
+        dest = key.replace("-", "_")
+        if dest not in actions or dest in ("help", "config"):
+            parser.error(f"--config {path}: no setting called {key!r}")
+        if f"DI_ROUTER_{dest.upper()}" in os.environ:
+            continue
+        # A repeatable flag given on the command line replaces the file's list, not extends it.
+        target = lists if isinstance(actions[dest], argparse._AppendAction) else defaults
+        target[dest] = value
+    parser.set_defaults(**defaults)
+    return lists
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    lists = apply_config_file(parser, argv)
     args = parser.parse_args(argv)
+    for dest, value in lists.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
     try:
         config = config_from_args(args)
     except ValidationError as exc:

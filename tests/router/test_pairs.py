@@ -8,6 +8,7 @@ would wait for KV its own producer never gets.
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from tests.router.conftest import metric, wait_idle
 from tests.support import MODEL, DeadBackend, free_port, running, sim_stats, start_router, start_sim
@@ -15,12 +16,21 @@ from tests.support import MODEL, DeadBackend, free_port, running, sim_stats, sta
 REQUESTS = 40
 
 
-def test_two_static_pairs_both_serve_and_never_mix():
+@pytest.mark.parametrize("via", ["flags", "config file"])
+def test_two_static_pairs_both_serve_and_never_mix(via, tmp_path):
     kv_a, kv_b = free_port(), free_port()
     pa, da = start_sim("prefill", kv_port=kv_a), start_sim("decode", kv_port=kv_a)
     pb, db = start_sim("prefill", kv_port=kv_b), start_sim("decode", kv_port=kv_b)
-    flags = ["--health-interval", "0.2", "--prefill", pa.url, "--decode", da.url]
-    flags += ["--prefill", pb.url, "--decode", db.url]
+    if via == "flags":
+        flags = ["--health-interval", "0.2", "--prefill", pa.url, "--decode", da.url]
+        flags += ["--prefill", pb.url, "--decode", db.url]
+    else:
+        config = tmp_path / "router.toml"
+        config.write_text(
+            f'prefill = ["{pa.url}", "{pb.url}"]\ndecode = ["{da.url}", "{db.url}"]\n'
+            "health-interval = 0.2\n"
+        )
+        flags = ["--config", str(config)]
     router = start_router(pa, da, flags)
     with running(pa, da, pb, db, router):
         router.wait_ready("/ready", timeout=15)
