@@ -45,8 +45,9 @@ class HealthMonitor:
 
     def forget(self, backend: Backend) -> None:
         """A backend that left: its series goes too (labels stay bounded)."""
-        with contextlib.suppress(KeyError):
-            self._metrics.backend_up.remove(backend.role, backend.url)
+        for gauge in (self._metrics.backend_up, self._metrics.backend_outstanding):
+            with contextlib.suppress(KeyError):
+                gauge.remove(backend.role, backend.url)
 
     async def stop(self) -> None:
         for task in self._soon:
@@ -87,6 +88,7 @@ class HealthMonitor:
             )
         backend.healthy = healthy
         self._metrics.backend_up.labels(backend.role, backend.url).set(1 if healthy else 0)
+        self._metrics.backend_outstanding.labels(backend.role, backend.url).set(backend.outstanding)
 
     def readiness(self) -> tuple[bool, dict[str, dict[str, str]]]:
         """Each backend "up", "down" (its /health fails) or "stuck": a prefill server that

@@ -108,6 +108,20 @@ class RouterMetrics:
             multiprocess_mode="livesum",
             registry=reg,
         )
+        self.backend_outstanding = Gauge(
+            "di_router_backend_outstanding",
+            "Legs in flight on the backend at the last health poll (what selection balances).",
+            ("role", "backend"),
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self.backend_pair = Gauge(
+            "di_router_backend_pair_info",
+            "1 per backend of a static pair (Neuron 2.24), naming the backend it serves with.",
+            ("role", "backend", "paired_with"),
+            multiprocess_mode="mostrecent",
+            registry=reg,
+        )
         self.backend_up = Gauge(
             "di_router_backend_up",
             "1 when the backend's /health answered 200 at the last poll.",

@@ -159,6 +159,10 @@ class RouterService:
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.selection.pairing == "static":
+            for p, d in zip(self.prefill.backends, self.decode.backends, strict=True):
+                self.metrics.backend_pair.labels("prefill", p.url, d.url).set(1)
+                self.metrics.backend_pair.labels("decode", d.url, p.url).set(1)
         if self.registry is not None:
             await self.registry.start()
         await self.health.poll_once()

@@ -19,6 +19,7 @@ DASHBOARD_JSON = REPO / "deploy" / "grafana" / "di-router-dashboard.json"
 
 # Labels the router may use: all bounded (no request ids, prompts or client-supplied text).
 ALLOWED_LABELS = {
+    "paired_with",
     "model_name",
     "endpoint",
     "status",
