@@ -228,14 +228,16 @@ class NeuronExchange(Exchange):
                 elif not self.produced:
                     return  # its KV is on the way; nothing more can be known of it
         # Rule 3: decode ended before emitting. A KV entry made for it is stranded when decode
-        # never took the request, or stayed silent for its whole timeout (a decode that pulls
-        # emits at once: a silent one was queued): abort it and pull the entry. A connection
-        # that broke tells nothing (decode may have pulled and emitted the bytes that were lost),
-        # and a release then would wait in `transferring` for good: leave it.
+        # never took the request, or a stream stayed silent for its whole timeout (a decode
+        # that pulls emits at once: a silent one was queued): abort it and pull the entry. A
+        # connection that broke tells nothing (decode may have pulled and emitted the bytes
+        # that were lost), nor does a silent non-streamed decode (it may be running a long
+        # answer): a release then would wait in `transferring` for good, so leave it.
         assert failed is not None
         if not produced:
             return
-        if failed.never_arrived or failed.rejected or failed.error_type == "timeout":
+        silent = failed.error_type == "timeout" and self.spec.stream
+        if failed.never_arrived or failed.rejected or silent:
             await decode.aclose()
             await settler.release(release_content(self.prefill), decode, self.prefill.backend)
         else:
@@ -246,19 +248,11 @@ class NeuronExchange(Exchange):
 
     async def _until_emitted(self) -> None:
         """A streamed decode's first event, or a non-streamed decode's headers (vLLM sends them
-        with the whole answer): either way the request has left `transferring`. Both within
-        the decode timeout (a stream's by its silence bound), after which it counts as
-        silent."""
+        with the whole answer): either way the request has left `transferring`."""
         if self.spec.stream:
             await self.decode.next_events()
-            return
-        try:
-            async with asyncio.timeout(self.spec.decode_timeout):
-                await self.decode.response()
-        except TimeoutError:
-            raise UpstreamError.make(
-                "decode", 504, "timeout", "decode server stayed silent", self.decode.backend.url
-            ) from None
+        else:
+            await self.decode.response()
 
     def _first_failure(self) -> str:
         first = self.first
