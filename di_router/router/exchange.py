@@ -101,3 +101,18 @@ class DIProtocol(Protocol):
         """The body the prefill leg sends."""
 
     def exchange(self, spec: ExchangeSpec) -> Exchange: ...
+
+
+def first_token_body(body: dict[str, Any], view: RequestView) -> dict[str, Any]:
+    """The client's request capped at its first token, for a prefill leg: everything that
+    shapes that token stays; `min_tokens` >= 1 (no EOS first) is kept within the cap."""
+    prefill = dict(body)
+    prefill["max_tokens"] = 1
+    if "max_completion_tokens" in prefill:
+        prefill["max_completion_tokens"] = 1
+    prefill.pop("min_tokens", None)
+    if view.min_tokens is not None and view.min_tokens >= 1:
+        prefill["min_tokens"] = 1
+    prefill.pop("min_completion_tokens", None)
+    prefill.pop("stream_options", None)
+    return prefill

@@ -172,6 +172,7 @@ class Completion:
                     raise
                 log.info("%s: %s, trying another pair", trace.router_id, exc.message)
             exchange.detach(RequestTrace(router_id=trace.router_id, endpoint=trace.endpoint))
+            trace.forget_tokens()
             service.settler.take(exchange, clean=False)
             self.hex_id = uuid.uuid4().hex
             trace.router_id = f"cmpl-{self.hex_id}"

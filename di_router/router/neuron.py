@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from di_router.router.exchange import Exchange, ExchangeSpec
+from di_router.router.exchange import Exchange, ExchangeSpec, first_token_body
 from di_router.router.relay import StreamMerger
 from di_router.router.request_view import RequestView, di_unsupported
 from di_router.router.trace import RequestTrace
@@ -49,17 +49,7 @@ class NeuronFirstToken:
         return di_unsupported(view, chat)
 
     def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
-        """Cap generation at the first token; everything else that shapes it stays the same."""
-        prefill = dict(body)
-        prefill["max_tokens"] = 1
-        if "max_completion_tokens" in prefill:
-            prefill["max_completion_tokens"] = 1
-        # Keep "no EOS as the first token" (min_tokens >= 1) while staying <= max_tokens.
-        prefill.pop("min_tokens", None)
-        if view.min_tokens is not None and view.min_tokens >= 1:
-            prefill["min_tokens"] = 1
-        prefill.pop("min_completion_tokens", None)
-        prefill.pop("stream_options", None)
+        prefill = first_token_body(body, view)
         if view.streaming:
             # The router drops this usage chunk; it only tells the router the prompt size.
             prefill["stream_options"] = {"include_usage": True}

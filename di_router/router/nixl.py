@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from di_router.router.exchange import Exchange, ExchangeSpec
+from di_router.router.exchange import Exchange, ExchangeSpec, first_token_body
 from di_router.router.relay import StreamMerger
 from di_router.router.request_view import RequestView, di_unsupported
 from di_router.router.upstream import Leg, Progress, UpstreamError
@@ -42,14 +42,8 @@ class NixlProtocol:
         return di_unsupported(view, chat)
 
     def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
-        prefill = dict(body)
+        prefill = first_token_body(body, view)
         prefill["stream"] = False
-        prefill["max_tokens"] = 1
-        if "max_completion_tokens" in prefill:
-            prefill["max_completion_tokens"] = 1
-        prefill.pop("min_tokens", None)
-        prefill.pop("min_completion_tokens", None)
-        prefill.pop("stream_options", None)
         prefill["kv_transfer_params"] = REMOTE_DECODE
         return prefill
 

@@ -41,6 +41,14 @@ class RequestTrace:
     prompt_tokens: int | None = None
     completion_tokens: int = 0
 
+    def forget_tokens(self) -> None:
+        """The request moves to another pair before anything reached the client: what the
+        first pair's prefill produced does not count."""
+        self.prefill_done = self.first_token_sent = self.decode_first_token = None
+        self.token_times = []
+        self.completion_tokens = 0
+        self.prompt_tokens = None
+
     def token_sent(self, now: float) -> None:
         if self.first_token_sent is None:
             self.first_token_sent = now
