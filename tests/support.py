@@ -29,6 +29,7 @@ __all__ = [
     "Proc",
     "di_stack",
     "free_port",
+    "free_port_pair",
     "kv_config",
     "needs_curl",
     "running",
@@ -45,6 +46,22 @@ ROUTER_TEST_FLAGS = ("--health-interval", "0.2")
 needs_curl = pytest.mark.skipif(
     shutil.which("curl") is None, reason="curl is not installed (.ci/run installs it)"
 )
+
+
+def free_port_pair() -> int:
+    """A port whose next one is free too: a Neuron 2.26 producer's KV side channel listens on
+    its HTTP port + 1."""
+    import socket
+
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):

@@ -19,7 +19,7 @@ from tests.support import (
     MODEL,
     DeadBackend,
     Proc,
-    free_port,
+    free_port_pair,
     running,
     sim_stats,
     start_router,
@@ -39,7 +39,7 @@ def etcd_kv(role: str, endpoint: str) -> str:
 
 def worker(role: str, endpoint: str, port: int | None = None) -> Proc:
     kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
-    port = port or free_port()
+    port = port or free_port_pair()  # a producer's KV side channel is on its port + 1
     extra = ["--kv-transfer-config", etcd_kv(kv_role, endpoint), "--sim-decode-base-ms", "5"]
     return start_sim_proc("baseline", extra=extra, port=port, name=f"{role}-{port}")
 

@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
-import socket
 import uuid
 from collections.abc import Iterator
 
@@ -24,22 +23,10 @@ import pytest
 from di_router.discovery import EtcdClient
 from tests.discovery.conftest import EtcdServer, etcd, needs_etcd  # noqa: F401 (fixture)
 from tests.sim.conftest import CHAT, COMPLETIONS, chat_body, completion_body, paired, post, texts
-from tests.support import Proc, free_port, running, sim_stats, start_sim, wait_until
+from tests.support import Proc, free_port_pair, running, sim_stats, start_sim, wait_until
 
 pytestmark = needs_etcd
 PROMPT = "the quick brown fox jumps over the lazy dog"
-
-
-def http_port_with_kv_port() -> int:
-    """A free port whose successor is free too: a producer's side channel is on port + 1."""
-    while True:
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
 
 
 def etcd_sim(name: str, kv_role: str, endpoint: str) -> Proc:
@@ -51,7 +38,7 @@ def etcd_sim(name: str, kv_role: str, endpoint: str) -> Proc:
         "etcd": endpoint,
     }
     extra = ["--kv-transfer-config", json.dumps(config)]
-    return start_sim("baseline", extra=extra, name=name, port=http_port_with_kv_port())
+    return start_sim("baseline", extra=extra, name=name, port=free_port_pair())
 
 
 @pytest.fixture
