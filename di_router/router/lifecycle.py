@@ -62,7 +62,7 @@ class Completion:
         self.error: UpstreamError | None = None
 
     async def run(self) -> None:
-        service, client, _trace = self.service, self.client, self.trace
+        service, client = self.service, self.client
         config = service.config
         status, outcome = 200, Outcome.OK
         task = asyncio.current_task()
