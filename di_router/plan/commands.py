@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 
+from di_router.argv import router_argv
 from di_router.plan.layouts import INSTANCE_CORES, Layout
 
 ROUTER_PORT = 8000
@@ -61,16 +62,10 @@ def _baseline(layout: Layout, common: str) -> list[str]:
 
 
 def _router(pairs: list[tuple[str, str]]) -> str:
-    if len(pairs) == 1:
-        (p, d) = pairs[0]
-        p_host, p_port = p.rsplit(":", 1)
-        d_host, d_port = d.rsplit(":", 1)
-        return (
-            f"neuron-proxy-server --prefill-ip {p_host} --prefill-port {p_port} "
-            f"--decode-ip {d_host} --decode-port {d_port}"
-        )
-    flags = " ".join(f"--prefill http://{p} --decode http://{d}" for p, d in pairs)
-    return f"neuron-proxy-server --host 0.0.0.0 --port {ROUTER_PORT} {flags}"
+    """The router's command as a user types it, spelled by the one router argv builder."""
+    urls = [(f"http://{p}", f"http://{d}") for p, d in pairs]
+    argv = router_argv("0.0.0.0", ROUTER_PORT, urls)
+    return shlex.join(["neuron-proxy-server", *argv[3:]])  # the console script, not -m
 
 
 def _single_instance_pairs(layout: Layout, common: str) -> list[str]:

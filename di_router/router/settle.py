@@ -25,6 +25,8 @@ RESCUE_BACKOFF_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 """Waits between tries; the last repeats until the settle timeout."""
 _RELEASE_TRIES = 4
 _RELEASE_BYTES = 1 << 20
+_RESCUE_BYTES = 16 << 20
+"""A re-sent prefill's non-streamed answer is read (and dropped) up to this size."""
 
 
 class Settler:
@@ -129,4 +131,4 @@ async def _run_to_end(leg: Leg, stream: bool) -> None:
         while await leg.next_events() is not None:
             pass
     else:
-        await leg.json(_RELEASE_BYTES * 16)
+        await leg.json(_RESCUE_BYTES)

@@ -9,15 +9,6 @@ from tests.sim.conftest import sim_proc
 from tests.support import Proc, free_port
 
 NIXL_CONFIG = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both"})
-REMOTE_DECODE = {
-    "do_remote_decode": True,
-    "do_remote_prefill": False,
-    "remote_engine_id": None,
-    "remote_block_ids": None,
-    "remote_host": None,
-    "remote_port": None,
-}
-"""What vLLM's P/D proxy (`toy_proxy_server.py`) sends the prefill leg."""
 
 
 def nixl_sim(

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from di_router.router.nixl import REMOTE_DECODE
 from tests.eos_prompts import eos_first_prompt
 from tests.sim.conftest import (
     CHAT,
@@ -26,7 +27,7 @@ from tests.sim.conftest import (
     stream,
     texts,
 )
-from tests.sim.nixl import REMOTE_DECODE, nixl_sim
+from tests.sim.nixl import nixl_sim
 from tests.support import Proc, free_port, running, sim_stats, start_sim, wait_until
 
 PROMPT = " ".join(f"word{i}" for i in range(40))  # 41 tokens with BOS: 3 blocks of 16
