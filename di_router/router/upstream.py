@@ -245,7 +245,7 @@ class Leg:
                 ) from None
             if not batch:
                 continue
-            if batch[-1] == DONE_DATA or DONE_DATA in batch:
+            if DONE_DATA in batch:
                 batch = batch[: batch.index(DONE_DATA)]
                 self.progress = Progress.FINISHED
                 await self._drain_tail()
