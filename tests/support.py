@@ -51,17 +51,7 @@ needs_curl = pytest.mark.skipif(
 def free_port_pair() -> int:
     """A port whose next one is free too: a Neuron 2.26 producer's KV side channel listens on
     its HTTP port + 1."""
-    import socket
-
-    for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two consecutive free ports")
+    return free_port(consecutive=2)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02):

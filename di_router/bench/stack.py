@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,11 +35,43 @@ class StackError(RuntimeError):
     """A server of the stack exited or never became ready; the message holds its log tail."""
 
 
-def free_port() -> int:
-    """A port the kernel just handed out; tiny race until the server binds it, fine on loopback."""
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+_EPHEMERAL = _ephemeral_range()
+_handed_out: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("0.0.0.0", port))  # conflicts with a listener on any address
+        except OSError:
+            return False
+    return True
+
+
+def free_port(consecutive: int = 1) -> int:
+    """A free port (the first of `consecutive` free ones) outside the kernel's ephemeral range.
+
+    A port from the ephemeral range (a bind to port 0) can be taken by any outgoing connection
+    before the server binds it, and a server restarted on its old port finds it gone; below the
+    range only listeners compete, and each port is handed out once per process.
+    """
+    low, high = (1024, _EPHEMERAL[0] - 1) if _EPHEMERAL[0] > 11024 else (_EPHEMERAL[1] + 1, 65535)
+    rng = random.Random()
+    for _ in range(500):
+        port = rng.randrange(max(low, 10000), high - consecutive)
+        ports = range(port, port + consecutive)
+        if _handed_out.isdisjoint(ports) and all(map(_bindable, ports)):
+            _handed_out.update(ports)
+            return port
+    raise RuntimeError(f"no {consecutive} free consecutive ports in {low}-{high}")
 
 
 class Server:
