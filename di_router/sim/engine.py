@@ -76,9 +76,12 @@ class Engine:
         self.kv_timeouts = 0
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
+        self._free_at = 0.0
+        """When the device ends its current step (see `_busy`)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
+        self._free_at = self.clock.now()
         self._loop_task = asyncio.create_task(self._run(), name=f"sim-engine-{self.role}")
 
     async def stop(self) -> None:
@@ -153,9 +156,17 @@ class Engine:
             else:
                 self._wake.clear()
                 await self._wake.wait()
+                self._free_at = self.clock.now()
+
+    async def _busy(self, seconds: float) -> None:
+        """One step on the device. Back-to-back steps start where the previous one ended, not
+        when this process got round to it: a timer served late on a busy event loop or CPU must
+        not stretch the profile's step times (on the virtual clock the two are the same)."""
+        self._free_at += seconds
+        await self.clock.sleep(max(self._free_at - self.clock.now(), 0.0))
 
     async def _prefill(self, seq: Sequence) -> None:
-        await self.clock.sleep(self.profile.prefill_seconds(seq.prompt_tokens))
+        await self._busy(self.profile.prefill_seconds(seq.prompt_tokens))
         self.metrics.iteration_tokens.observe(seq.prompt_tokens)
         if seq.aborted:
             self._release_slot()
@@ -237,7 +248,7 @@ class Engine:
 
     async def _decode_step(self) -> None:
         batch = list(self.running)
-        await self.clock.sleep(self.profile.decode_step_seconds(len(batch)))
+        await self._busy(self.profile.decode_step_seconds(len(batch)))
         self.metrics.iteration_tokens.observe(len(batch))
         for seq in batch:
             if seq.aborted:
