@@ -53,11 +53,14 @@ ROUTER_S = 0.006
 @dataclass(frozen=True)
 class Load:
     """Closed loop (`concurrency` clients, llmperf) or open loop (Poisson at `request_rate`,
-    at most `concurrency` in flight when given), as `loadgen.run_load` sends."""
+    at most `concurrency` in flight when given), as `loadgen.run_load` sends; or `arrivals`."""
 
     request_rate: float | None = None
     concurrency: int | None = None
     seed: int = 0
+    arrivals: tuple[float, ...] | None = None
+    """Each request's send time after the first's, replayed as they are (a measured run's:
+    its client's timers run late under load, which is not the servers' doing)."""
 
 
 class Recorder(asyncio.Queue[tuple[int, TokenOutput | SequenceError]]):
@@ -203,7 +206,9 @@ async def drive(
     start = clock.now()
     try:
         async with asyncio.TaskGroup() as group:
-            if load.request_rate is None:
+            if load.arrivals is not None:
+                await _replay(group, send, load.arrivals, clock)
+            elif load.request_rate is None:
                 await _closed_loop(group, send, len(specs), load.concurrency or 1)
             else:
                 await _open_loop(group, send, len(specs), load, clock)
@@ -243,6 +248,15 @@ async def _open_loop(
         group.create_task(bounded(index))
         if index + 1 < count:
             await clock.sleep(rng.expovariate(load.request_rate))
+
+
+async def _replay(
+    group: asyncio.TaskGroup, send: Callable[[int], Any], arrivals: Sequence[float], clock: Clock
+) -> None:
+    start = clock.now()
+    for index, offset in enumerate(arrivals):
+        await clock.sleep(max(start + offset - clock.now(), 0.0))
+        group.create_task(send(index))
 
 
 def simulate(
