@@ -12,7 +12,7 @@ from typing import TypeVar
 import httpx
 
 from di_router.router.config import RouterConfig
-from di_router.router.transport import AiohttpTransport
+from di_router.router.transport import Http1Transport
 
 T = TypeVar("T")
 _HEALTH_CONNECTIONS = 2
@@ -147,10 +147,10 @@ def make_backend(role: str, url: str, config: RouterConfig) -> Backend:
     return Backend(
         role,
         url.rstrip("/"),
-        transport=AiohttpTransport(config.max_connections, keepalive, tls),
+        transport=Http1Transport(config.max_connections, keepalive, tls),
         probe=httpx.AsyncClient(
             base_url=url,
-            transport=AiohttpTransport(_HEALTH_CONNECTIONS, keepalive, tls),
+            transport=Http1Transport(_HEALTH_CONNECTIONS, keepalive, tls),
             timeout=config.health_timeout_s,
             trust_env=False,
         ),

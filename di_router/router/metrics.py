@@ -6,7 +6,10 @@ set by the CLI before workers start) makes every scrape see the sum over workers
 
 from __future__ import annotations
 
+import collections
 import os
+from bisect import bisect_left
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,6 +25,37 @@ from di_router.wire.buckets import REQUEST_LATENCY_BUCKETS, TPOT_BUCKETS, TTFT_B
 
 UNKNOWN_MODEL = "unknown"
 _MODEL = ("model_name",)
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    ttft: Histogram
+    prefill: Histogram
+    kv_handoff: Histogram
+    e2e: Histogram
+    itl: Histogram
+    prompt_tokens: Counter
+    generation_tokens: Counter
+    client_disconnects: Counter
+
+
+def observe_all(histogram: Histogram, values: list[float]) -> None:
+    """`observe` for many values at once: a hundred-token stream's gaps cost one increment
+    per bucket they fall in, not a locked increment and a bucket scan each.
+
+    prometheus_client has no batch call; this uses the fields its own `observe` updates (a
+    histogram child keeps one count per bucket, made cumulative when collected).
+    """
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if bounds is None:  # a prometheus_client that changed its internals: the slow way
+        for value in values:
+            histogram.observe(value)
+        return
+    histogram._sum.inc(sum(values))
+    for index, count in collections.Counter(bisect_left(bounds, v) for v in values).items():
+        histogram._buckets[index].inc(count)
 
 
 class RouterMetrics:
@@ -122,6 +156,8 @@ class RouterMetrics:
             multiprocess_mode="mostrecent",
             registry=reg,
         )
+        self._series: dict[str, _ModelSeries] = {}
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
         self.backend_up = Gauge(
             "di_router_backend_up",
             "1 when the backend's /health answered 200 at the last poll.",
@@ -131,26 +167,47 @@ class RouterMetrics:
         )
 
     def observe(self, trace: RequestTrace, model: str) -> None:
-        self.requests.labels(model, trace.endpoint, str(trace.status)).inc()
-        for hist, value in (
-            (self.ttft, trace.ttft),
-            (self.prefill, trace.prefill_latency),
-            (self.kv_handoff, trace.kv_handoff),
-            (self.e2e, trace.e2e),
+        self._requests(model, trace.endpoint, trace.status).inc()
+        series = self._series.get(model) or self._model_series(model)
+        for child, value in (
+            (series.ttft, trace.ttft),
+            (series.prefill, trace.prefill_latency),
+            (series.kv_handoff, trace.kv_handoff),
+            (series.e2e, trace.e2e),
         ):
             if value is not None:
-                hist.labels(model).observe(value)
-        itl = self.itl.labels(model)
-        for gap in trace.inter_token_latencies:
-            itl.observe(gap)
+                child.observe(value)
+        observe_all(series.itl, trace.inter_token_latencies)
         if trace.prompt_tokens:
-            self.prompt_tokens.labels(model).inc(trace.prompt_tokens)
+            series.prompt_tokens.inc(trace.prompt_tokens)
         if trace.completion_tokens:
-            self.generation_tokens.labels(model).inc(trace.completion_tokens)
+            series.generation_tokens.inc(trace.completion_tokens)
         if trace.error_role is not None and trace.error_type is not None:
             self.upstream_errors.labels(model, trace.error_role, trace.error_type).inc()
         if trace.outcome == "client_disconnect":
-            self.client_disconnects.labels(model).inc()
+            series.client_disconnects.inc()
+
+    def _requests(self, model: str, endpoint: str, status: int) -> Counter:
+        key = (model, endpoint, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(model, endpoint, status)
+        return child
+
+    def _model_series(self, model: str) -> _ModelSeries:
+        """Labelled children are looked up once per model: `labels()` validates and locks on
+        every call, seven times a request."""
+        series = self._series[model] = _ModelSeries(
+            ttft=self.ttft.labels(model),
+            prefill=self.prefill.labels(model),
+            kv_handoff=self.kv_handoff.labels(model),
+            e2e=self.e2e.labels(model),
+            itl=self.itl.labels(model),
+            prompt_tokens=self.prompt_tokens.labels(model),
+            generation_tokens=self.generation_tokens.labels(model),
+            client_disconnects=self.client_disconnects.labels(model),
+        )
+        return series
 
     def exposition(self) -> bytes:
         if self._multiprocess:

@@ -20,6 +20,7 @@ import httpx
 import orjson
 
 from di_router.router.backends import Backend
+from di_router.router.transport import Http1Body, Http1Transport
 from di_router.wire.errors import error_body
 from di_router.wire.sse import DONE_DATA, EventTooLarge, MalformedEvent, SSEDecoder
 
@@ -148,7 +149,11 @@ class Leg:
             extensions={"timeout": {"connect": connect, "read": read_timeout,
                                     "write": connect, "pool": connect}},
         )  # fmt: skip
-        self._task = asyncio.ensure_future(backend.transport.handle_async_request(request))
+        transport = backend.transport
+        if isinstance(transport, Http1Transport):
+            self._task = transport.start(request)
+        else:  # a transport standing in for a backend (the unit tests')
+            self._task = asyncio.ensure_future(transport.handle_async_request(request))
         backend.outstanding += 1
         self._counted = True
         self._response: httpx.Response | None = None
@@ -256,6 +261,8 @@ class Leg:
     async def _drain_tail(self) -> None:
         """Read what follows `[DONE]` (the chunked terminator), so the connection is reused."""
         assert self._raw is not None
+        if isinstance(self._raw, Http1Body) and self._raw.complete:
+            return  # the usual case: the terminator came with `[DONE]`
         with contextlib.suppress(TimeoutError, httpx.HTTPError):
             async with asyncio.timeout(_DRAIN_AFTER_DONE_S):
                 async for _ in self._raw:

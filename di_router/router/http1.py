@@ -1,0 +1,440 @@
+"""A minimal HTTP/1.1 client for the router's upstream legs: an asyncio protocol per connection
+and a pool per backend.
+
+The router relays tens of thousands of events a second, each one a read of a small chunk; a
+general client spends most of its time per read on layers the router does not need (a stream
+reader, a timer rescheduled on every read, header multidicts, payload objects). Here a read is a
+chunked-body decode in `data_received` and a future set, the silence timeout is one timer per
+waiting read rather than one per byte, and idle connections sit in a LIFO stack (O(1) per
+request, whatever the pool size). Failures are httpx's exception classes, so the httpx
+transport over this (`transport.py`) only adapts objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections import deque
+from collections.abc import Sequence
+
+import httpx
+
+_HIGH_WATER = 256 * 1024
+"""Buffered body bytes beyond which the socket is not read until the consumer catches up."""
+_MAX_HEAD = 64 * 1024
+"""A status line and headers larger than this are not HTTP from a vLLM server."""
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Connection(asyncio.Protocol):
+    """One keep-alive connection carrying one request at a time."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.idle_since = 0.0
+        self.reusable = False
+        self._raw = bytearray()  # wire bytes not yet parsed
+        self._head: asyncio.Future[tuple[int, Headers]] | None = None
+        self._body: list[bytes] = []  # decoded body bytes not yet read
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+        self._in_body = False
+        self._complete = False
+        self._chunked = False
+        self._remaining = -1  # bytes left in the current chunk or the body; -1: until close
+        self._chunk_end = False  # the CRLF after a chunk's data is due
+        self._timeout = 0.0
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:  # an idle connection has nothing to say
+            self.close()
+            return
+        self._last_read = self._loop.time()
+        if self._in_body and not self._chunked:
+            self._take_plain(data)
+        else:
+            self._raw += data
+            try:
+                self._parse()
+            except httpx.RemoteProtocolError as exc:
+                self._fail(exc)
+                self.close()
+                return
+        if self._buffered or self._complete:
+            self._wake()
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.reusable = False
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._in_body and not self._chunked and self._remaining < 0:
+            self._complete = True  # a body delimited by the close
+        elif not self._complete:
+            if exc is None:
+                what = "server closed the connection without sending a response"
+                if self._in_body:
+                    what = "server closed the connection before the body ended"
+                self._fail(httpx.RemoteProtocolError(what))
+            else:
+                error = httpx.ReadError(str(exc) or type(exc).__name__)
+                error.__cause__ = exc
+                self._fail(error)
+        self._wake()
+        self._pool.forget(self)
+
+    # -- the request
+
+    def send(
+        self, head: bytes, body: bytes, timeout: float | None
+    ) -> asyncio.Future[tuple[int, Headers]]:
+        """Write the request; the future holds the status and headers. `timeout` bounds each
+        silence of the server, from the request to the last byte of the body."""
+        assert self.transport is not None
+        self._head = self._loop.create_future()
+        self._timeout = timeout or 0.0
+        self._last_read = self._loop.time()
+        self._arm()
+        self.transport.write(head + body if len(body) < 16384 else head)
+        if len(body) >= 16384:
+            self.transport.write(body)
+        return self._head
+
+    async def read(self) -> bytes:
+        """The body bytes that arrived since the last read; b"" at its end.
+
+        A cancelled read loses nothing. Bytes that arrived before a failure are returned
+        before the failure is raised.
+        """
+        while not self._buffered:
+            if self._complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._waiter = self._loop.create_future()
+            # Silence counts from the last byte or from now, whichever is later: a consumer
+            # that was slow (the socket paused) must not find the backend timed out.
+            self._last_read = max(self._last_read, self._loop.time())
+            if self._timer is None:
+                self._arm()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        parts = self._body
+        self._body = []
+        self._buffered = 0
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    @property
+    def complete(self) -> bool:
+        """The whole body was received (it may still be unread)."""
+        return self._complete
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+    def reset(self) -> None:
+        """Ready for the next request on the same connection."""
+        self._head = None
+        self._body = []
+        self._buffered = 0
+        self._in_body = self._complete = self._chunked = self._chunk_end = False
+        self._remaining = -1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- parsing
+
+    def _parse(self) -> None:
+        if not self._in_body:
+            end = self._raw.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._raw) > _MAX_HEAD:
+                    raise httpx.RemoteProtocolError("response head too large")
+                return
+            head = bytes(self._raw[:end])
+            del self._raw[: end + 4]
+            if not self._start(head):
+                return self._parse()  # an interim 1xx answer: the real one follows
+        if self._chunked:
+            self._take_chunks()
+        elif self._raw:
+            data = bytes(self._raw)
+            self._raw.clear()
+            self._take_plain(data)
+
+    def _start(self, head: bytes) -> bool:
+        """Read the status line and headers; False for an interim (1xx) response."""
+        lines = head.split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise httpx.RemoteProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
+        status = int(parts[1])
+        if 100 <= status < 200:
+            return False
+        headers: Headers = []
+        keep_alive = parts[0] == b"HTTP/1.1"
+        length = -1
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise httpx.RemoteProtocolError("malformed header line")
+            name = name.strip().lower()
+            value = value.strip()
+            headers.append((name, value))
+            if name == b"transfer-encoding":
+                self._chunked = value.lower().endswith(b"chunked")
+            elif name == b"content-length":
+                if not value.isdigit():
+                    raise httpx.RemoteProtocolError("malformed content-length")
+                length = int(value)
+            elif name == b"connection":
+                keep_alive = b"close" not in value.lower()
+        self._in_body = True
+        if status in (204, 304):
+            length = 0
+        if not self._chunked:
+            self._remaining = length
+            if length < 0:
+                keep_alive = False  # the body ends with the connection
+        self.reusable = keep_alive
+        self._complete = length == 0 and not self._chunked
+        if self._head is not None and not self._head.done():
+            self._head.set_result((status, headers))
+        return True
+
+    def _take_plain(self, data: bytes) -> None:
+        if self._remaining >= 0:
+            if len(data) > self._remaining:
+                data = data[: self._remaining]  # bytes past the body: not ours
+                self.reusable = False
+            self._remaining -= len(data)
+            if self._remaining == 0:
+                self._complete = True
+        if data:
+            self._push(data)
+
+    def _take_chunks(self) -> None:
+        raw = self._raw
+        while raw and not self._complete:
+            if self._chunk_end:
+                if len(raw) < 2:
+                    return
+                if raw[:2] != b"\r\n":
+                    raise httpx.RemoteProtocolError("malformed chunked body")
+                del raw[:2]
+                self._chunk_end = False
+            elif self._remaining > 0:
+                take = min(self._remaining, len(raw))
+                self._push(bytes(raw[:take]))
+                del raw[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._remaining = -1
+                    self._chunk_end = True
+            elif self._remaining == 0:  # after the last (empty) chunk: trailers, a blank line
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    return
+                del raw[: end + 2]
+                if end == 0:
+                    self._complete = True
+                    if raw:
+                        self.reusable = False
+            else:  # a chunk-size line
+                end = raw.find(b"\r\n")
+                if end < 0:
+                    if len(raw) > 1024:
+                        raise httpx.RemoteProtocolError("malformed chunk size")
+                    return
+                size_text = bytes(raw[:end]).split(b";", 1)[0].strip()
+                try:
+                    size = int(size_text, 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError("malformed chunk size") from None
+                del raw[: end + 2]
+                self._remaining = size
+
+    def _push(self, data: bytes) -> None:
+        self._body.append(data)
+        self._buffered += len(data)
+        if self._buffered > _HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    # -- failures and time
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None:
+            self._error = error
+        self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+            self._head.exception()  # a caller that gave up must not leave it unretrieved
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _arm(self) -> None:
+        if self._timeout > 0:
+            self._timer = self._loop.call_at(self._last_read + self._timeout, self._check_silence)
+
+    def _check_silence(self) -> None:
+        """One timer per silence period, not one per read: re-armed from the last byte."""
+        self._timer = None
+        waiting = self._waiter is not None or (self._head is not None and not self._head.done())
+        if not waiting or self._complete or self._error is not None:
+            return
+        if self._loop.time() - self._last_read < self._timeout:
+            self._arm()
+            return
+        self._fail(httpx.ReadTimeout(f"no byte for {self._timeout:g} s"))
+        self.close()
+
+
+class Pool:
+    """At most `limit` connections to one origin; idle ones reused last-in first-out."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        limit: int,
+        keepalive: float,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.limit = limit
+        self.keepalive = keepalive
+        self.ssl = ssl_context
+        self._idle: dict[Connection, None] = {}  # insertion-ordered: popitem() is LIFO
+        self._count = 0  # open or opening connections
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    def take_idle(self) -> Connection | None:
+        """The connection that went idle last, if one is fresh enough."""
+        if not self._idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            connection, _ = self._idle.popitem()
+            if now - connection.idle_since < self.keepalive and connection.transport:
+                return connection
+            connection.close()  # expired: the server may be about to close it too
+        return None
+
+    async def acquire(
+        self, connect_timeout: float | None, pool_timeout: float | None
+    ) -> Connection:
+        while (connection := self.take_idle()) is None and self._count >= self.limit:
+            await self._wait_for_room(pool_timeout)
+        if connection is not None:
+            return connection
+        self._count += 1
+        try:
+            return await self._connect(connect_timeout)
+        except BaseException:
+            self._count -= 1
+            self._room()
+            raise
+
+    async def _wait_for_room(self, timeout: float | None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(timeout):
+                await waiter
+        except TimeoutError:
+            raise httpx.ConnectTimeout("no free connection in the pool in time") from None
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    async def _connect(self, timeout: float | None) -> Connection:
+        loop = asyncio.get_running_loop()
+        server_hostname = self.host if self.ssl is not None else None
+        try:
+            async with asyncio.timeout(timeout):
+                transport, connection = await loop.create_connection(
+                    lambda: Connection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=server_hostname,
+                )
+        except TimeoutError:
+            what = f"no connection to {self.host}:{self.port} in time"
+            raise httpx.ConnectTimeout(what) from None
+        except OSError as exc:  # refused, unreachable, out of descriptors, TLS (ssl.SSLError)
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        connection.transport = transport  # uvloop may call connection_made after this
+        return connection
+
+    def release(self, connection: Connection) -> None:
+        """Back to the idle stack when the body was read whole and the server keeps it open."""
+        if connection.reusable and connection.complete and not self._closed:
+            connection.reset()
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle[connection] = None
+            self._room()
+        else:
+            connection.close()  # forget() follows from connection_lost
+
+    def forget(self, connection: Connection) -> None:
+        """The connection closed (either side)."""
+        self._idle.pop(connection, None)
+        self._count -= 1
+        self._room()
+
+    def _room(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        for connection in list(self._idle):
+            connection.close()
+        self._idle.clear()
+
+
+def request_head(method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
+    """The request line and headers; a header that could split the request is refused."""
+    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+    for name, value in headers:
+        if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
+            raise httpx.LocalProtocolError(f"header {name!r} holds a line break")
+        lines.append(name + b": " + value)
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
