@@ -39,6 +39,15 @@ class SSEDecoder:
         self._held_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if (
+            not self._buffer
+            and not self._held_cr
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2 > 6
+            and chunk.endswith(b"\n\n")
+            and len(chunk) - 2 <= self._max
+        ):
+            return [chunk[6:-2]]  # the common case: one whole one-line event per read
         if self._held_cr or b"\r" in chunk:
             chunk = self._lf_only(chunk)
         buffer = self._buffer

@@ -134,3 +134,23 @@ def test_large_event_in_small_chunks_is_scanned_once() -> None:
     ]
     assert events == [b"x" * size]
     assert _CountingBuffer.searched <= 2 * len(stream)
+
+
+@pytest.mark.parametrize(
+    "event",
+    [b'data: {"a": 1}\n\n', b"data: \n\n", b"data: a\rb\n\n", b"data: x\n\ndata: y\n\n",
+     b"data: " + b"x" * 64 + b"\n\n", b"data: " + b"x" * 65 + b"\n\n", b"data: x\r\n\r\n"],
+    ids=["json", "empty", "lone-cr", "two-events", "at-cap", "over-cap", "crlf"],
+)  # fmt: skip
+def test_a_whole_event_per_read_decodes_as_when_split(event: bytes) -> None:
+    """One whole event per read takes a shortcut; it must agree with the general path, also
+    after a CR held back from the previous read."""
+
+    def outcome(parts: list[bytes]) -> list[bytes] | str:
+        try:
+            return feed_all(parts, 70)
+        except EventTooLarge:
+            return "too large"
+
+    assert outcome([event]) == outcome([event[:1], event[1:]])  # the second read: general
+    assert outcome([b"data: held\r", b"\n" + event]) == outcome([b"data: held\r\n", event])
