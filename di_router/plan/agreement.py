@@ -31,7 +31,7 @@ from di_router import argv
 from di_router.bench import loadgen, runner, stack
 from di_router.bench.loadgen import RequestSpec, Summary
 from di_router.bench.tokenizer import SimTokenizer
-from di_router.kv_config import NEURON_CONNECTOR, KVTransferConfig
+from di_router.plan.commands import etcd_kv_config
 from di_router.plan.layouts import Layout
 from di_router.plan.simulate import Load, simulate
 from di_router.sim.profiles import PROFILES
@@ -174,17 +174,12 @@ def _etcd_stack(layout: Layout, profile: str, etcd: str) -> Iterator[str]:
 def _etcd_worker(
     name: str, role: str, port: int, profile: str, layout: Layout, etcd: str
 ) -> stack.Server:
-    kv = KVTransferConfig(
-        kv_connector=NEURON_CONNECTOR,
-        kv_role="kv_producer" if role == "prefill" else "kv_consumer",
-        etcd=etcd,
-    )
     command = argv.server_argv(
         "sim",
         model=stack.MODEL,
         port=port,
         host=stack.HOST,
-        kv_config=kv,
+        kv_config=etcd_kv_config(role, etcd),  # what the plan prints for P != D
         vllm_flags=["--max-num-seqs", str(layout.batch)],
         extra=["--sim-profile", profile],
     )

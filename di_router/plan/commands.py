@@ -12,9 +12,12 @@ import re
 import shlex
 
 from di_router.argv import router_argv
+from di_router.kv_config import NEURON_CONNECTOR, KVRole, KVTransferConfig
 from di_router.plan.layouts import INSTANCE_CORES, Layout
 
 ROUTER_PORT = 8000
+ETCD = "ETCD_HOST:8989"
+"""Neuron 2.26's tutorial runs etcd on client port 8989."""
 _PLAIN = re.compile(r"[\w@%+=:,./~-]+")  # left unquoted, so the shell still expands `~`
 
 
@@ -100,12 +103,24 @@ def _multi_instance_pairs(layout: Layout, common: str) -> list[str]:
     return [*lines, "# the router (on a prefill host)", _router(pairs)]
 
 
+def etcd_kv_config(role: str, etcd: str) -> KVTransferConfig:
+    """A Neuron 2.26 worker's `--kv-transfer-config`: its role and the etcd it registers in
+    (the fields the 2.26 tutorial passes); the simulator takes the same."""
+    kv_role: KVRole = "kv_producer" if role == "prefill" else "kv_consumer"
+    return KVTransferConfig(kv_connector=NEURON_CONNECTOR, kv_role=kv_role, etcd=etcd)
+
+
 def _dynamic(layout: Layout) -> list[str]:
-    return [
+    """P != D: every worker registers in etcd and the router follows the registry."""
+    lines = [
         f"# {layout.prefills}P{layout.decodes}D pairs any prefill with any decode: Neuron 2.26's "
-        "dynamic xPyD, each vLLM worker started with",
-        '#   --kv-transfer-config \'{"kv_connector":"NeuronConnector","kv_role":'
-        '"kv_producer"|"kv_consumer","etcd":"ETCD_HOST:8989"}\' (docs/discovery.md);',
-        "#   `di-router serve` launches Neuron 2.24's fixed pairs only",
-        f"neuron-proxy-server --host 0.0.0.0 --port {ROUTER_PORT} --etcd ETCD_HOST:8989",
+        "dynamic xPyD with etcd discovery (docs/discovery.md: run one etcd member on ETCD_HOST);",
+        "# `di-router serve` launches Neuron 2.24's fixed pairs only, so start each worker as "
+        "vLLM's api_server with",
     ]
+    for role, count in (("prefill", layout.prefills), ("decode", layout.decodes)):
+        config = shlex.quote(etcd_kv_config(role, ETCD).to_cli_json())
+        flags = f"--tensor-parallel-size {layout.tp} --max-num-seqs {layout.batch}"
+        lines.append(f"#   {count}x {role}: {flags} --kv-transfer-config {config}")
+    argv = router_argv("0.0.0.0", ROUTER_PORT, [], ["--etcd", ETCD])
+    return [*lines, "# the router", shlex.join(["neuron-proxy-server", *argv[3:]])]

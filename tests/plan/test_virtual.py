@@ -13,6 +13,7 @@ import pytest
 
 from di_router.bench.loadgen import LoadRun, RequestSpec
 from di_router.plan import vclock
+from di_router.plan.commands import commands
 from di_router.plan.layouts import Layout
 from di_router.plan.simulate import DIRECT_S, ROUTER_S, Load, drive, simulate
 from di_router.plan.workload import drawn
@@ -138,3 +139,11 @@ def test_plan_refuses_a_bad_replay_file(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "expected a JSON list" in out.stderr
+
+
+def test_the_plan_deploys_p_unequal_d_through_etcd() -> None:
+    """P != D needs any-to-any pairing: the etcd form the agreement test runs for 1P2D."""
+    lines = commands(Layout("di", 32, 8, prefills=1, decodes=2), "~/m")
+    assert lines[-1] == "neuron-proxy-server --host 0.0.0.0 --port 8000 --etcd ETCD_HOST:8989"
+    assert sum('"etcd":"ETCD_HOST:8989"' in line for line in lines) == 2  # producer, consumer
+    assert not any(line.startswith(("di-router up", "di-router serve")) for line in lines)
