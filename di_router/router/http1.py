@@ -37,7 +37,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         self.reusable = False
-        self._raw = bytearray()  # wire bytes not yet parsed
+        self._raw = b""  # the start of a head or chunk line that is not whole yet
         self._head: asyncio.Future[tuple[int, Headers]] | None = None
         self._body: list[bytes] = []  # decoded body bytes not yet read
         self._buffered = 0
@@ -63,16 +63,20 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self._last_read = self._loop.time()
-        if self._in_body and not self._chunked:
-            self._take_plain(data)
-        else:
-            self._raw += data
-            try:
-                self._parse()
-            except httpx.RemoteProtocolError as exc:
-                self._fail(exc)
-                self.close()
-                return
+        if self._raw:
+            data = self._raw + data
+            self._raw = b""
+        try:
+            if not self._in_body:
+                data = self._take_head(data)
+            if self._chunked:
+                self._take_chunks(data)
+            elif data:
+                self._take_plain(data)
+        except httpx.RemoteProtocolError as exc:
+            self._fail(exc)
+            self.close()
+            return
         if self._buffered or self._complete:
             self._wake()
 
@@ -158,6 +162,7 @@ class Connection(asyncio.Protocol):
     def reset(self) -> None:
         """Ready for the next request on the same connection."""
         self._head = None
+        self._raw = b""
         self._body = []
         self._buffered = 0
         self._in_body = self._complete = self._chunked = self._chunk_end = False
@@ -168,33 +173,28 @@ class Connection(asyncio.Protocol):
 
     # -- parsing
 
-    def _parse(self) -> None:
-        if not self._in_body:
-            end = self._raw.find(b"\r\n\r\n")
+    def _take_head(self, data: bytes) -> bytes:
+        """Status line and headers (skipping interim 1xx answers); returns the bytes after."""
+        while not self._in_body:
+            end = data.find(b"\r\n\r\n")
             if end < 0:
-                if len(self._raw) > _MAX_HEAD:
+                if len(data) > _MAX_HEAD:
                     raise httpx.RemoteProtocolError("response head too large")
-                return
-            head = bytes(self._raw[:end])
-            del self._raw[: end + 4]
-            if not self._start(head):
-                return self._parse()  # an interim 1xx answer: the real one follows
-        if self._chunked:
-            self._take_chunks()
-        elif self._raw:
-            data = bytes(self._raw)
-            self._raw.clear()
-            self._take_plain(data)
+                self._raw = data
+                return b""
+            self._start(data[:end])
+            data = data[end + 4 :]
+        return data
 
-    def _start(self, head: bytes) -> bool:
-        """Read the status line and headers; False for an interim (1xx) response."""
+    def _start(self, head: bytes) -> None:
+        """Read the status line and headers; an interim (1xx) answer changes nothing."""
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ", 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise httpx.RemoteProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
         status = int(parts[1])
         if 100 <= status < 200:
-            return False
+            return
         headers: Headers = []
         keep_alive = parts[0] == b"HTTP/1.1"
         length = -1
@@ -224,7 +224,6 @@ class Connection(asyncio.Protocol):
         self._complete = length == 0 and not self._chunked
         if self._head is not None and not self._head.done():
             self._head.set_result((status, headers))
-        return True
 
     def _take_plain(self, data: bytes) -> None:
         if self._remaining >= 0:
@@ -237,46 +236,48 @@ class Connection(asyncio.Protocol):
         if data:
             self._push(data)
 
-    def _take_chunks(self) -> None:
-        raw = self._raw
-        while raw and not self._complete:
+    def _take_chunks(self, data: bytes) -> None:
+        """Decode a chunked body by position over the bytes at hand: the usual read, one
+        whole chunk (an SSE event), costs a find, an int and a slice."""
+        pos, size = 0, len(data)
+        while pos < size and not self._complete:
             if self._chunk_end:
-                if len(raw) < 2:
-                    return
-                if raw[:2] != b"\r\n":
+                if size - pos < 2:
+                    break
+                if data[pos : pos + 2] != b"\r\n":
                     raise httpx.RemoteProtocolError("malformed chunked body")
-                del raw[:2]
+                pos += 2
                 self._chunk_end = False
             elif self._remaining > 0:
-                take = min(self._remaining, len(raw))
-                self._push(bytes(raw[:take]))
-                del raw[:take]
-                self._remaining -= take
+                end = min(pos + self._remaining, size)
+                self._push(data[pos:end])
+                self._remaining -= end - pos
+                pos = end
                 if self._remaining == 0:
                     self._remaining = -1
                     self._chunk_end = True
-            elif self._remaining == 0:  # after the last (empty) chunk: trailers, a blank line
-                end = raw.find(b"\r\n")
+            else:  # a chunk-size line, or (after the last chunk) a trailer or the blank line
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    return
-                del raw[: end + 2]
-                if end == 0:
-                    self._complete = True
-                    if raw:
-                        self.reusable = False
-            else:  # a chunk-size line
-                end = raw.find(b"\r\n")
-                if end < 0:
-                    if len(raw) > 1024:
+                    if size - pos > 1024:
                         raise httpx.RemoteProtocolError("malformed chunk size")
-                    return
-                size_text = bytes(raw[:end]).split(b";", 1)[0].strip()
+                    break
+                line = data[pos:end]
+                pos = end + 2
+                if self._remaining == 0:  # trailers end with a blank line
+                    self._complete = not line
+                    continue
                 try:
-                    size = int(size_text, 16)
+                    self._remaining = int(line.split(b";", 1)[0], 16)
                 except ValueError:
                     raise httpx.RemoteProtocolError("malformed chunk size") from None
-                del raw[: end + 2]
-                self._remaining = size
+                if self._remaining < 0:
+                    raise httpx.RemoteProtocolError("malformed chunk size")
+        if self._complete:
+            if pos < size:
+                self.reusable = False  # bytes past the body: not ours
+        elif pos < size:
+            self._raw = data[pos:]
 
     def _push(self, data: bytes) -> None:
         self._body.append(data)
@@ -327,12 +328,14 @@ class Pool:
         limit: int,
         keepalive: float,
         ssl_context: ssl.SSLContext | None,
+        host_header: bytes,
     ) -> None:
         self.host = host
         self.port = port
         self.limit = limit
         self.keepalive = keepalive
         self.ssl = ssl_context
+        self.host_header = host_header
         self._idle: dict[Connection, None] = {}  # insertion-ordered: popitem() is LIFO
         self._count = 0  # open or opening connections
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -429,9 +432,18 @@ class Pool:
         self._idle.clear()
 
 
-def request_head(method: str, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bytes:
-    """The request line and headers; a header that could split the request is refused."""
-    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1"]
+def request_head(
+    method: str,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    host: bytes,
+    content: bytes,
+) -> bytes:
+    """The request line and headers, `Host` and `Content-Length` included; a header that could
+    split the request is refused."""
+    lines = [method.encode("ascii") + b" " + target + b" HTTP/1.1", b"Host: " + host]
+    if content or method not in ("GET", "HEAD"):
+        lines.append(b"Content-Length: %d" % len(content))
     for name, value in headers:
         if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
             raise httpx.LocalProtocolError(f"header {name!r} holds a line break")

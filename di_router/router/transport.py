@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -52,6 +53,34 @@ class Http1Body(httpx.AsyncByteStream):
             self._pool.release(connection)
 
 
+_SET_HERE = (b"host", b"content-length")
+"""Headers `request_head` writes itself."""
+
+
+@dataclass(slots=True)
+class Answer:
+    """A response's status and headers, its body unread: what a leg needs of a response,
+    without building an httpx.Response per leg."""
+
+    status: int
+    headers: Headers
+    body: httpx.AsyncByteStream
+    closed: bool = False
+
+    async def aclose(self) -> None:
+        """Close the body once, however many owners let go of it."""
+        if not self.closed:
+            self.closed = True
+            await self.body.aclose()
+
+    def header(self, name: bytes) -> str | None:
+        """The last value of a header (`name` in lower case)."""
+        for key, value in reversed(self.headers):
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+
 class Http1Transport(httpx.AsyncBaseTransport):
     """`limit` connections at most per origin, idle ones closed after `keepalive` seconds."""
 
@@ -68,64 +97,67 @@ class Http1Transport(httpx.AsyncBaseTransport):
             secure = url.raw_scheme == b"https"
             context = (self._ssl or ssl.create_default_context()) if secure else None
             port = url.port or (443 if secure else 80)
-            pool = Pool(url.host, port, self._limit, self._keepalive, context)
+            pool = Pool(url.host, port, self._limit, self._keepalive, context, url.netloc)
             self._pools[key] = pool
         return pool
 
-    def start(self, request: httpx.Request) -> asyncio.Future[httpx.Response]:
-        """`handle_async_request` begun now: on an idle connection the request is written before
-        this returns, with no task; otherwise a task opens a connection. Cancelling the
-        future before the response closes the connection (the backend sees the disconnect)."""
-        url = request.url
+    def send(
+        self,
+        method: str,
+        url: httpx.URL,
+        headers: Sequence[tuple[bytes, bytes]],
+        content: bytes,
+        timeout: Mapping[str, float | None],
+    ) -> asyncio.Future[Answer]:
+        """The request begun now: on an idle connection it is written before this returns,
+        with no task; otherwise a task opens a connection. Cancelling the future before the
+        answer closes the connection (the backend sees the disconnect)."""
         pool = self._pools.get((url.raw_scheme, url.raw_host, url.port)) or self._pool(url)
+        head = request_head(method, url.raw_path, headers, pool.host_header, content)
         connection = pool.take_idle()
         if connection is None:
-            return asyncio.ensure_future(self.handle_async_request(request))
+            return asyncio.ensure_future(self._send_on_new(pool, head, content, timeout))
         loop = asyncio.get_running_loop()
-        response: asyncio.Future[httpx.Response] = loop.create_future()
-        try:
-            head = request_head(request.method, url.raw_path, request.headers.raw)
-        except httpx.HTTPError as exc:
-            pool.release(connection)
-            response.set_exception(exc)
-            return response
-        timeout = request.extensions.get("timeout", {})
-        answered = connection.send(head, request.content, timeout.get("read"))
+        answer: asyncio.Future[Answer] = loop.create_future()
+        answered = connection.send(head, content, timeout.get("read"))
 
-        def on_answer(answered: asyncio.Future[tuple[int, Headers]]) -> None:
-            if response.done():
+        def on_answered(answered: asyncio.Future[tuple[int, Headers]]) -> None:
+            if answer.done():
                 return
             if (error := answered.exception()) is not None:
                 connection.close()
-                response.set_exception(error)
+                answer.set_exception(error)
                 return
             status, headers = answered.result()
-            body = Http1Body(pool, connection)
-            response.set_result(
-                httpx.Response(status, headers=headers, stream=body, request=request)
-            )
+            answer.set_result(Answer(status, headers, Http1Body(pool, connection)))
 
-        def on_response(response: asyncio.Future[httpx.Response]) -> None:
-            if response.cancelled():
+        def on_answer(answer: asyncio.Future[Answer]) -> None:
+            if answer.cancelled():
                 connection.close()
 
-        answered.add_done_callback(on_answer)
-        response.add_done_callback(on_response)
-        return response
+        answered.add_done_callback(on_answered)
+        answer.add_done_callback(on_answer)
+        return answer
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        url = request.url
-        pool = self._pools.get((url.raw_scheme, url.raw_host, url.port)) or self._pool(url)
-        timeout = request.extensions.get("timeout", {})
-        head = request_head(request.method, url.raw_path, request.headers.raw)
+    async def _send_on_new(
+        self, pool: Pool, head: bytes, content: bytes, timeout: Mapping[str, float | None]
+    ) -> Answer:
         connection = await pool.acquire(timeout.get("connect"), timeout.get("pool"))
         try:
-            status, headers = await connection.send(head, request.content, timeout.get("read"))
+            status, headers = await connection.send(head, content, timeout.get("read"))
         except BaseException:
             connection.close()  # the request may be half sent: this connection is done
             raise
+        return Answer(status, headers, Http1Body(pool, connection))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _SET_HERE]
+        answer = await self.send(
+            request.method, request.url, headers, request.content,
+            request.extensions.get("timeout", {}),
+        )  # fmt: skip
         return httpx.Response(
-            status, headers=headers, stream=Http1Body(pool, connection), request=request
+            answer.status, headers=answer.headers, stream=answer.body, request=request
         )
 
     async def aclose(self) -> None:

@@ -39,15 +39,10 @@ class SSEDecoder:
         self._held_cr = False
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        if (
-            not self._buffer
-            and not self._held_cr
-            and chunk.startswith(b"data: ")
-            and chunk.find(b"\n") == len(chunk) - 2 > 6
-            and chunk.endswith(b"\n\n")
-            and len(chunk) - 2 <= self._max
-        ):
-            return [chunk[6:-2]]  # the common case: one whole one-line event per read
+        if not self._buffer and not self._held_cr and chunk.endswith(b"\n\n"):
+            whole = self._whole_events(chunk)
+            if whole is not None:
+                return whole
         if self._held_cr or b"\r" in chunk:
             chunk = self._lf_only(chunk)
         buffer = self._buffer
@@ -67,6 +62,19 @@ class SSEDecoder:
         if self._scanned > self._max:
             raise EventTooLarge(f"an event is larger than {self._max} bytes")
         return events
+
+    def _whole_events(self, chunk: bytes) -> list[bytes] | None:
+        """The common read, one or more whole one-line `data:` events, without the buffer;
+        None when anything else is in it (the general path then decides)."""
+        if b"\r" in chunk:
+            return None
+        events = chunk[:-2].split(b"\n\n")
+        for event in events:
+            if not 6 < len(event) <= self._max or not event.startswith(b"data: "):
+                return None
+            if b"\n" in event:
+                return None
+        return [event[6:] for event in events]
 
     def _lf_only(self, chunk: bytes) -> bytes:
         """CRLF to LF, in this chunk only; a CR at its end waits for the next (it may be CRLF)."""

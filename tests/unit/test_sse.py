@@ -139,8 +139,11 @@ def test_large_event_in_small_chunks_is_scanned_once() -> None:
 @pytest.mark.parametrize(
     "event",
     [b'data: {"a": 1}\n\n', b"data: \n\n", b"data: a\rb\n\n", b"data: x\n\ndata: y\n\n",
-     b"data: " + b"x" * 64 + b"\n\n", b"data: " + b"x" * 65 + b"\n\n", b"data: x\r\n\r\n"],
-    ids=["json", "empty", "lone-cr", "two-events", "at-cap", "over-cap", "crlf"],
+     b"data: " + b"x" * 64 + b"\n\n", b"data: " + b"x" * 65 + b"\n\n", b"data: x\r\n\r\n",
+     b"data: a\r\n\n", b"data: a\n\n\ndata: b\n\n", b"data: a\n\n: ping\n\ndata: b\n\n",
+     b"data: a\n\ndata: \n\n", b"data: a\n\ndata: b\ndata: c\n\n", b"data: a\ndata: b\n\n"],
+    ids=["json", "empty", "lone-cr", "two-events", "at-cap", "over-cap", "crlf", "cr-lf-lf",
+         "three-lf", "comment", "empty-second", "two-lines", "one-event-two-lines"],
 )  # fmt: skip
 def test_a_whole_event_per_read_decodes_as_when_split(event: bytes) -> None:
     """One whole event per read takes a shortcut; it must agree with the general path, also
