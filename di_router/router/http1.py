@@ -113,8 +113,12 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self._head = self._loop.create_future()
         self._timeout = timeout or 0.0
-        self._last_read = self._loop.time()
-        self._arm()
+        self._last_read = now = self._loop.time()
+        # A timer left from the last request on this connection serves this one too when it
+        # fires early enough (it re-arms from the last byte): one timer per connection, not
+        # one per request.
+        if self._timer is None or self._timer.when() > now + self._timeout:
+            self._arm()
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
@@ -167,9 +171,6 @@ class Connection(asyncio.Protocol):
         self._buffered = 0
         self._in_body = self._complete = self._chunked = self._chunk_end = False
         self._remaining = -1
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     # -- parsing
 
@@ -302,6 +303,9 @@ class Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._timeout > 0:
             self._timer = self._loop.call_at(self._last_read + self._timeout, self._check_silence)
 

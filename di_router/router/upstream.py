@@ -173,8 +173,9 @@ class Leg:
             return self._answer
         if self.error is not None:
             raise self.error
+        task = self._task
         try:
-            answer = await asyncio.shield(self._task)
+            answer = task.result() if task.done() else await asyncio.shield(task)
         except httpx.HTTPError as exc:
             error = self._fail(self._transport_error(exc))
             if error.never_arrived and self.backend.healthy:
