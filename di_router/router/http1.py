@@ -352,7 +352,8 @@ class Pool:
         now = asyncio.get_running_loop().time()
         while self._idle:
             connection, _ = self._idle.popitem()
-            if now - connection.idle_since < self.keepalive and connection.transport:
+            fresh = now - connection.idle_since < self.keepalive
+            if fresh and connection.reusable and connection.transport is not None:
                 return connection
             connection.close()  # expired: the server may be about to close it too
         return None
