@@ -90,8 +90,8 @@ def compare(virtual: Summary, real: Summary) -> list[Check]:
             Check(f"{metric} p50", v.p50, r.p50, P50_TOLERANCE),
             Check(f"{metric} p99", v.p99, r.p99, P99_TOLERANCE),
         ]
-    rpm = Check("req/min", virtual.requests_per_minute, real.requests_per_minute, 0.0)
-    return [*checks, Check(rpm.metric, rpm.virtual, rpm.real, THROUGHPUT_TOLERANCE)]
+    rpm = virtual.requests_per_minute, real.requests_per_minute
+    return [*checks, Check("req/min", *rpm, THROUGHPUT_TOLERANCE)]
 
 
 def agreement(
