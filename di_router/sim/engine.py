@@ -158,15 +158,16 @@ class Engine:
                 await self._wake.wait()
                 self._free_at = self.clock.now()
 
-    async def _busy(self, seconds: float) -> None:
-        """One step on the device. Back-to-back steps start where the previous one ended, not
-        when this process got round to it: a timer served late on a busy event loop or CPU must
-        not stretch the profile's step times (on the virtual clock the two are the same)."""
-        self._free_at += seconds
+    async def _busy(self, seconds: float, ready_at: float = 0.0) -> None:
+        """One step on the device, for work that arrived at `ready_at`. Back-to-back steps start
+        where the previous one ended (or when their work arrived, if later), not when this
+        process got round to it: a timer served late on a busy event loop or CPU must not
+        stretch the profile's step times (on the virtual clock the two are the same)."""
+        self._free_at = max(self._free_at, ready_at) + seconds
         await self.clock.sleep(max(self._free_at - self.clock.now(), 0.0))
 
     async def _prefill(self, seq: Sequence) -> None:
-        await self._busy(self.profile.prefill_seconds(seq.prompt_tokens))
+        await self._busy(self.profile.prefill_seconds(seq.prompt_tokens), seq.arrived_at)
         self.metrics.iteration_tokens.observe(seq.prompt_tokens)
         if seq.aborted:
             self._release_slot()
