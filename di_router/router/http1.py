@@ -16,7 +16,8 @@ import asyncio
 import contextlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 
 import httpx
 
@@ -26,6 +27,63 @@ _MAX_HEAD = 64 * 1024
 """A status line and headers larger than this are not HTTP from a vLLM server."""
 
 Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Answer:
+    """A response's status and headers, its body unread: what a leg needs of a response,
+    without building an httpx.Response per leg."""
+
+    status: int
+    headers: Headers
+    body: httpx.AsyncByteStream
+    closed: bool = False
+
+    async def aclose(self) -> None:
+        """Close the body once, however many owners let go of it."""
+        if not self.closed:
+            self.closed = True
+            await self.body.aclose()
+
+    def header(self, name: bytes) -> str | None:
+        """The last value of a header (`name` in lower case)."""
+        for key, value in reversed(self.headers):
+            if key.lower() == name:
+                return value.decode("latin-1")
+        return None
+
+
+class Http1Body(httpx.AsyncByteStream):
+    """A body iterator that survives cancellation: a cancelled read loses no byte, so a task
+    that gave up on a stream can hand it to another that keeps reading (the settling of a
+    request whose decode cannot be aborted yet)."""
+
+    def __init__(self, pool: Pool, connection: Connection) -> None:
+        self._pool = pool
+        self._connection: Connection | None = connection
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._connection is None:
+            raise StopAsyncIteration
+        data = await self._connection.read()
+        if not data:
+            raise StopAsyncIteration
+        return data
+
+    @property
+    def complete(self) -> bool:
+        """Every byte of the body arrived: nothing more to wait for."""
+        return self._connection is None or self._connection.complete
+
+    async def aclose(self) -> None:
+        """Back to the pool when fully received; otherwise the socket closes (the backend
+        sees the disconnect and aborts)."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            self._pool.release(connection)
 
 
 class Connection(asyncio.Protocol):
@@ -38,7 +96,7 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reusable = False
         self._raw = b""  # the start of a head or chunk line that is not whole yet
-        self._head: asyncio.Future[tuple[int, Headers]] | None = None
+        self._answer: asyncio.Future[Answer] | None = None
         self._body: list[bytes] = []  # decoded body bytes not yet read
         self._buffered = 0
         self._waiter: asyncio.Future[None] | None = None
@@ -59,7 +117,7 @@ class Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self._head is None:  # an idle connection has nothing to say
+        if self._answer is None:  # an idle connection has nothing to say
             self.close()
             return
         self._last_read = self._loop.time()
@@ -105,13 +163,13 @@ class Connection(asyncio.Protocol):
 
     # -- the request
 
-    def send(
-        self, head: bytes, body: bytes, timeout: float | None
-    ) -> asyncio.Future[tuple[int, Headers]]:
-        """Write the request; the future holds the status and headers. `timeout` bounds each
-        silence of the server, from the request to the last byte of the body."""
+    def send(self, head: bytes, body: bytes, timeout: float | None) -> asyncio.Future[Answer]:
+        """Write the request. The future is resolved here, as the headers are parsed (not by
+        a callback one loop pass later); cancelling it before then closes the connection.
+        `timeout` bounds each silence of the server, from the request to the body's end."""
         assert self.transport is not None
-        self._head = self._loop.create_future()
+        self._answer = answer = self._loop.create_future()
+        answer.add_done_callback(self._on_answer_done)
         self._timeout = timeout or 0.0
         self._last_read = now = self._loop.time()
         # A timer left from the last request on this connection serves this one too when it
@@ -122,7 +180,11 @@ class Connection(asyncio.Protocol):
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
-        return self._head
+        return answer
+
+    def _on_answer_done(self, answer: asyncio.Future[Answer]) -> None:
+        if answer.cancelled():
+            self.close()
 
     async def read(self) -> bytes:
         """The body bytes that arrived since the last read; b"" at its end.
@@ -165,7 +227,7 @@ class Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         """Ready for the next request on the same connection."""
-        self._head = None
+        self._answer = None
         self._raw = b""
         self._body = []
         self._buffered = 0
@@ -223,8 +285,8 @@ class Connection(asyncio.Protocol):
                 keep_alive = False  # the body ends with the connection
         self.reusable = keep_alive
         self._complete = length == 0 and not self._chunked
-        if self._head is not None and not self._head.done():
-            self._head.set_result((status, headers))
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(Answer(status, headers, Http1Body(self._pool, self)))
 
     def _take_plain(self, data: bytes) -> None:
         if self._remaining >= 0:
@@ -293,9 +355,9 @@ class Connection(asyncio.Protocol):
         if self._error is None:
             self._error = error
         self.reusable = False
-        if self._head is not None and not self._head.done():
-            self._head.set_exception(error)
-            self._head.exception()  # a caller that gave up must not leave it unretrieved
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(error)
+            self._answer.exception()  # a caller that gave up must not leave it unretrieved
         self._wake()
 
     def _wake(self) -> None:
@@ -312,7 +374,7 @@ class Connection(asyncio.Protocol):
     def _check_silence(self) -> None:
         """One timer per silence period, not one per read: re-armed from the last byte."""
         self._timer = None
-        waiting = self._waiter is not None or (self._head is not None and not self._head.done())
+        waiting = self._waiter is not None or (self._answer is not None and not self._answer.done())
         if not waiting or self._complete or self._error is not None:
             return
         if self._loop.time() - self._last_read < self._timeout:

@@ -73,6 +73,8 @@ class NeuronExchange(Exchange):
         self.legs = (self.prefill, self.decode)
         self.first: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         """Stream: the client's first events (bytes). Not streamed: prefill's answer (dict)."""
+        self._gate: asyncio.Future[None] | None = None
+        self.decode.dispatched.add_done_callback(self._open_gate)
         self.prefill_reader = asyncio.ensure_future(self._read_prefill())
 
     @property
@@ -87,14 +89,26 @@ class NeuronExchange(Exchange):
     # -- the answer ------------------------------------------------------------------------------
     async def start(self) -> None:
         """Prefill's first token, or the first error of either leg: a decode leg that fails
-        before prefill's token makes waiting for prefill pointless."""
+        before prefill's token makes waiting for prefill pointless.
+
+        The wait is on a gate only this task awaits, opened in the same step that settles
+        `first` (not by a callback one loop pass later: under load a pass is tens of
+        milliseconds of other streams' events, and they add up in the TTFT).
+        """
         decode = self.decode.dispatched
-        await asyncio.wait((self.first, decode), return_when=asyncio.FIRST_COMPLETED)
-        if decode.done():
-            await self.decode.response()  # raises decode's error, if that is what happened
-        if not self.first.done():
-            await asyncio.wait((self.first,))
-        self.first.result()
+        while True:
+            if decode.done():
+                await self.decode.response()  # raises decode's error, if that is what happened
+            if self.first.done():
+                self.first.result()
+                return
+            self._gate = asyncio.get_running_loop().create_future()
+            await self._gate
+
+    def _open_gate(self, _: object = None) -> None:
+        gate = self._gate
+        if gate is not None and not gate.done():
+            gate.set_result(None)
 
     async def events(self) -> AsyncIterator[bytes]:
         merger = self.merger
@@ -148,6 +162,8 @@ class NeuronExchange(Exchange):
         except UpstreamError as exc:
             self.first.set_exception(exc)
             return
+        finally:
+            self._open_gate()
         if self.merger is not None:  # the rest: prefill's usage chunk (the prompt size), [DONE]
             try:
                 while (batch := await self.prefill.next_events()) is not None:
