@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import orjson
 
 from di_router.router.trace import RequestTrace
 
 log = logging.getLogger("di_router.access")
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -39,7 +41,7 @@ def _text_value(value: object) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if text in ("", "-") or any(c.isspace() or c in '"=\\' for c in text):
+    if text in ("", "-") or _NEEDS_QUOTES.search(text):
         return orjson.dumps(text).decode()
     return text
 
