@@ -1,10 +1,11 @@
 """In-process backends: an httpx transport whose answers each test scripts, with bodies that
 stream on the test's cue and count how often they are closed.
 
-A `MockBackend` replaces a `Backend.transport`; the router's legs call it as they call the
-aiohttp transport. Its handler gets each request as a `Call` and returns the response (or
-raises an httpx error); a `Body` yields its parts in order, waiting at each `asyncio.Event`
-until the test sets it, raising any exception it holds, then ends.
+A `MockBackend` replaces a `Backend.transport`; the router's legs call it through httpx's
+transport interface (any transport but their own HTTP/1.1 one). Its handler gets each request
+as a `Call` and returns the response (or raises an httpx error); a `Body` yields its parts in
+order, waiting at each `asyncio.Event` until the test sets it, raising any exception it holds,
+then ends.
 """
 
 from __future__ import annotations
