@@ -94,6 +94,7 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
+        """When the last answer's last byte arrived: the server's keep-alive clock."""
         self.reusable = False
         self._raw = b""  # the start of a head or chunk line that is not whole yet
         self._answer: asyncio.Future[Answer] | None = None
@@ -135,7 +136,13 @@ class Connection(asyncio.Protocol):
             self._fail(exc)
             self.close()
             return
-        if self._buffered or self._complete:
+        if self._complete:
+            # The server's keep-alive clock starts now, not when the router lets go of the
+            # connection (a prefill leg is closed only when the whole request ends, seconds
+            # later): reusing it by the later time races the server's idle close.
+            self.idle_since = self._last_read
+            self._wake()
+        elif self._buffered:
             self._wake()
 
     def eof_received(self) -> bool | None:
@@ -473,7 +480,6 @@ class Pool:
         """Back to the idle stack when the body was read whole and the server keeps it open."""
         if connection.reusable and connection.complete and not self._closed:
             connection.reset()
-            connection.idle_since = asyncio.get_running_loop().time()
             self._idle[connection] = None
             self._room()
         else:

@@ -296,3 +296,32 @@ async def aiter_slowly(response: httpx.Response) -> AsyncIterator[bytes]:
     async for part in response.aiter_raw():
         await asyncio.sleep(0.001)
         yield part
+
+
+async def test_the_keep_alive_clock_starts_at_the_answers_last_byte() -> None:
+    """A prefill leg is let go only when its whole request ends, seconds after its answer's
+    last byte; the server's idle close counts from that byte. A connection the server is
+    about to close (or has closed) must not be reused by the later time."""
+    server_idle_s, keepalive_s = 0.5, 0.4
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        answered = None
+        while True:
+            await read_request(reader)
+            if answered is not None and loop.time() - answered > server_idle_s:
+                return  # its idle close crossed the request on the wire: no answer
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            answered = loop.time()
+
+    transport = Http1Transport(4, keepalive_s, None)
+    async with Server(script) as server:
+        response = await transport.handle_async_request(post(server.url))
+        assert [part async for part in response.stream] == [b"ok"]  # type: ignore[union-attr]
+        await asyncio.sleep(0.35)  # the request the leg served goes on; then it lets go
+        await response.aclose()
+        await asyncio.sleep(0.2)  # idle 0.55 s by the server's clock, 0.2 s since let go
+        assert await body_of(await transport.handle_async_request(post(server.url))) == b"ok"
+        assert server.connections == 2
+    await transport.aclose()
