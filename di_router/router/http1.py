@@ -53,6 +53,18 @@ class Answer:
         return None
 
 
+@dataclass(slots=True)
+class Request:
+    """What a connection writes, and the bounds of the wait for its answer."""
+
+    head: bytes
+    body: bytes
+    read_timeout: float | None
+    connect_timeout: float | None
+    pool_timeout: float | None
+    resent: bool = False
+
+
 class Http1Body(httpx.AsyncByteStream):
     """A body iterator that survives cancellation: a cancelled read loses no byte, so a task
     that gave up on a stream can hand it to another that keeps reading (the settling of a
@@ -95,6 +107,9 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
         """When the last answer's last byte arrived: the server's keep-alive clock."""
+        self.served = 0
+        """Answers this connection carried whole (a reused connection may meet an idle close)."""
+        self._request: Request | None = None
         self.reusable = False
         self._raw = b""  # the start of a head or chunk line that is not whole yet
         self._answer: asyncio.Future[Answer] | None = None
@@ -156,7 +171,14 @@ class Connection(asyncio.Protocol):
         if self._in_body and not self._chunked and self._remaining < 0:
             self._complete = True  # a body delimited by the close
         elif not self._complete:
-            if exc is None:
+            request, answer = self._request, self._answer
+            silent = not self._in_body and not self._raw
+            if exc is None and silent and self.served and request and not request.resent:
+                if answer is not None and not answer.done():
+                    # The server's idle close crossed the request on the wire: it never
+                    # read it. Once more on a new connection, answering the same future.
+                    self._pool.resend(request, answer)
+            elif exc is None:
                 what = "server closed the connection without sending a response"
                 if self._in_body:
                     what = "server closed the connection before the body ended"
@@ -170,20 +192,27 @@ class Connection(asyncio.Protocol):
 
     # -- the request
 
-    def send(self, head: bytes, body: bytes, timeout: float | None) -> asyncio.Future[Answer]:
+    def send(
+        self, request: Request, answer: asyncio.Future[Answer] | None = None
+    ) -> asyncio.Future[Answer]:
         """Write the request. The future is resolved here, as the headers are parsed (not by
         a callback one loop pass later); cancelling it before then closes the connection.
-        `timeout` bounds each silence of the server, from the request to the body's end."""
+        The read timeout bounds each silence of the server, from the request to the body's
+        end."""
         assert self.transport is not None
-        self._answer = answer = self._loop.create_future()
+        if answer is None:
+            answer = self._loop.create_future()
+        self._answer = answer
         answer.add_done_callback(self._on_answer_done)
-        self._timeout = timeout or 0.0
+        self._request = request
+        self._timeout = request.read_timeout or 0.0
         self._last_read = now = self._loop.time()
         # A timer left from the last request on this connection serves this one too when it
         # fires early enough (it re-arms from the last byte): one timer per connection, not
         # one per request.
         if self._timer is None or self._timer.when() > now + self._timeout:
             self._arm()
+        head, body = request.head, request.body
         self.transport.write(head + body if len(body) < 16384 else head)
         if len(body) >= 16384:
             self.transport.write(body)
@@ -234,7 +263,9 @@ class Connection(asyncio.Protocol):
 
     def reset(self) -> None:
         """Ready for the next request on the same connection."""
+        self.served += 1
         self._answer = None
+        self._request = None
         self._raw = b""
         self._body = []
         self._buffered = 0
@@ -412,6 +443,7 @@ class Pool:
         self._idle: dict[Connection, None] = {}  # insertion-ordered: popitem() is LIFO
         self._count = 0  # open or opening connections
         self._waiters: deque[asyncio.Future[None]] = deque()
+        self._resends: set[asyncio.Task[Answer]] = set()
         self._closed = False
 
     def take_idle(self) -> Connection | None:
@@ -427,10 +459,56 @@ class Pool:
             connection.close()  # expired: the server may be about to close it too
         return None
 
+    def send(self, request: Request) -> asyncio.Future[Answer]:
+        """On an idle connection the request is written before this returns, with no task;
+        otherwise a task opens a connection."""
+        connection = self.take_idle()
+        if connection is not None:
+            return connection.send(request)
+        return asyncio.ensure_future(self._send_on_new(request))
+
+    def resend(self, request: Request, answer: asyncio.Future[Answer]) -> None:
+        """Once more, on a new connection, for the same answer future."""
+        request.resent = True
+        task = asyncio.ensure_future(self._send_on_new(request, answer, fresh=True))
+        self._resends.add(task)
+        task.add_done_callback(self._resent)
+
+    def _resent(self, task: asyncio.Task[Answer]) -> None:
+        self._resends.discard(task)
+        if not task.cancelled():
+            task.exception()  # the answer future carries any failure
+
+    async def _send_on_new(
+        self,
+        request: Request,
+        answer: asyncio.Future[Answer] | None = None,
+        fresh: bool = False,
+    ) -> Answer:
+        try:
+            connection = await self.acquire(request.connect_timeout, request.pool_timeout, fresh)
+        except Exception as exc:
+            if answer is None:
+                raise
+            if not answer.done():
+                answer.set_exception(exc)
+            raise
+        if answer is not None and answer.done():  # given up on while connecting
+            connection.close()
+            return await answer
+        try:
+            return await connection.send(request, answer)
+        except BaseException:
+            connection.close()  # the request may be half sent: this connection is done
+            raise
+
     async def acquire(
-        self, connect_timeout: float | None, pool_timeout: float | None
+        self, connect_timeout: float | None, pool_timeout: float | None, fresh: bool = False
     ) -> Connection:
-        while (connection := self.take_idle()) is None and self._count >= self.limit:
+        """An idle connection (unless `fresh`), else a new one when the pool has room."""
+        while (connection := None if fresh else self.take_idle()) is None:
+            if self._count < self.limit:
+                break
             await self._wait_for_room(pool_timeout)
         if connection is not None:
             return connection

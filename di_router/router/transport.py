@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 
-from di_router.router.http1 import Answer, Http1Body, Pool, request_head
+from di_router.router.http1 import Answer, Http1Body, Pool, Request, request_head
 
 __all__ = ["Answer", "Http1Body", "Http1Transport"]
 
@@ -53,26 +53,14 @@ class Http1Transport(httpx.AsyncBaseTransport):
         content: bytes,
         timeout: Mapping[str, float | None],
     ) -> asyncio.Future[Answer]:
-        """The request begun now: on an idle connection it is written before this returns,
-        with no task, and the answer future is resolved by the connection as the headers
-        arrive; otherwise a task opens a connection. Cancelling the future before the answer
-        closes the connection (the backend sees the disconnect)."""
+        """The request begun now (see `Pool.send`); the answer future is resolved by the
+        connection as the headers arrive. Cancelling it before the answer closes the
+        connection (the backend sees the disconnect)."""
         pool = self._pools.get((url.raw_scheme, url.raw_host, url.port)) or self._pool(url)
         head = request_head(method, url.raw_path, headers, pool.host_header, content)
-        connection = pool.take_idle()
-        if connection is None:
-            return asyncio.ensure_future(self._send_on_new(pool, head, content, timeout))
-        return connection.send(head, content, timeout.get("read"))
-
-    async def _send_on_new(
-        self, pool: Pool, head: bytes, content: bytes, timeout: Mapping[str, float | None]
-    ) -> Answer:
-        connection = await pool.acquire(timeout.get("connect"), timeout.get("pool"))
-        try:
-            return await connection.send(head, content, timeout.get("read"))
-        except BaseException:
-            connection.close()  # the request may be half sent: this connection is done
-            raise
+        return pool.send(
+            Request(head, content, timeout.get("read"), timeout.get("connect"), timeout.get("pool"))
+        )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _SET_HERE]

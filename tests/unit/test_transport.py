@@ -303,6 +303,7 @@ async def test_the_keep_alive_clock_starts_at_the_answers_last_byte() -> None:
     last byte; the server's idle close counts from that byte. A connection the server is
     about to close (or has closed) must not be reused by the later time."""
     server_idle_s, keepalive_s = 0.5, 0.4
+    crossed = []
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -310,6 +311,7 @@ async def test_the_keep_alive_clock_starts_at_the_answers_last_byte() -> None:
         while True:
             await read_request(reader)
             if answered is not None and loop.time() - answered > server_idle_s:
+                crossed.append(True)
                 return  # its idle close crossed the request on the wire: no answer
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
             await writer.drain()
@@ -323,5 +325,34 @@ async def test_the_keep_alive_clock_starts_at_the_answers_last_byte() -> None:
         await response.aclose()
         await asyncio.sleep(0.2)  # idle 0.55 s by the server's clock, 0.2 s since let go
         assert await body_of(await transport.handle_async_request(post(server.url))) == b"ok"
-        assert server.connections == 2
+        assert (server.connections, crossed) == (2, [])
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("times", [1, 2])
+async def test_a_request_that_crossed_an_idle_close_goes_once_more(times: int) -> None:
+    """A server that closes a kept-alive connection as the next request arrives never read
+    it: the request goes again, once, on a new connection. A second silent close is an
+    error (the server is failing, not closing an idle connection)."""
+    state = {"answered": 0, "closes": times}
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            if state["answered"] and state["closes"]:
+                state["closes"] -= 1
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            await writer.drain()
+            state["answered"] += 1
+
+    transport = Http1Transport(4, 5.0, None)
+    async with Server(script) as server:
+        assert await body_of(await transport.handle_async_request(post(server.url))) == b"ok"
+        if times == 1:  # the kept-alive connection meets the close; a new one answers
+            assert await body_of(await transport.handle_async_request(post(server.url))) == b"ok"
+            assert server.connections == 2
+        else:
+            with pytest.raises(httpx.RemoteProtocolError):
+                await transport.handle_async_request(post(server.url))
     await transport.aclose()
