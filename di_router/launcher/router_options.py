@@ -2,16 +2,15 @@
 
 They are generated from the router's own parser, so `up` offers exactly the router's options
 with its help and never falls behind it. What the launched layout decides is left out: the
-backends (`--prefill*`, `--decode*`, `--etcd`) and the listen address (`--router-host` and
-`--router-port` are launcher settings, so they also come from the environment and `--config`).
+backends (`--prefill*`, `--decode*`, `--etcd`), the listen address (`--router-host` and
+`--router-port` are launcher settings, so they also come from the environment and `--config`) and
+the router's `--config` (`up` writes that file itself: `router_config.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-
-from pydantic import ValidationError
 
 from di_router.launcher.settings import LaunchError
 from di_router.router import cli as router_cli
@@ -20,7 +19,7 @@ PREFIX = "--router-"
 DEST_PREFIX = "router_flag_"
 FROM_LAYOUT = frozenset(
     {"--prefill", "--decode", "--prefill-ip", "--prefill-port", "--decode-ip", "--decode-port"}
-    | {"--etcd", "--host", "--port", "-h", "--help"}
+    | {"--etcd", "--host", "--port", "--config", "-h", "--help"}
 )
 
 
@@ -55,27 +54,20 @@ def add_router_options(parser: argparse.ArgumentParser) -> None:
             )
 
 
-def router_flags(args: argparse.Namespace) -> list[str]:
-    """The router flags given to `up`, unprefixed, in the router's own order."""
-    flags: list[str] = []
+def router_options(args: argparse.Namespace) -> dict[str, object]:
+    """The router options given to `up`, by the router's flag name (`decode-timeout`), typed."""
+    options: dict[str, object] = {}
     for action in _router_actions():
         value = getattr(args, DEST_PREFIX + action.dest, None)
-        flag = action.option_strings[0]
-        if value is None or value is False:
-            continue
-        if value is True:
-            flags.append(flag)
-        else:
-            for item in value if isinstance(value, list) else [value]:
-                flags += [flag, str(item)]
-    return flags
+        if value is not None and value is not False:
+            options[action.option_strings[0].removeprefix("--")] = value
+    return options
 
 
 def check_router_argv(argv: Sequence[str]) -> None:
-    """Validate the router's command line as the router will, before anything is started."""
-    parser = router_cli.build_parser()
+    """Validate the router's command line (and the config file it names) as the router will,
+    in this environment, before anything is started."""
     try:
-        router_cli.config_from_args(parser.parse_args(list(argv)))
-    except ValidationError as exc:
-        message = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-        raise LaunchError(f"router options (--router-<flag>): {message}") from None
+        router_cli.parse_config(list(argv))
+    except ValueError as exc:
+        raise LaunchError(f"router options (--router-<flag>): {exc}") from None

@@ -1,7 +1,8 @@
-"""Launcher settings from one table, so flags, `DI_ROUTER_*` variables and `--config` agree.
+"""Launcher settings from one table, so flags, `DI_LAUNCH_*` variables and `--config` agree.
 
-Precedence is flags > environment > config file > defaults. Every command resolves the whole
-table, so one config file (or one set of variables) serves `compile`, `serve`, `up` and `doctor`.
+Precedence is flags > environment > config file > defaults, layered by `di_router.settings` as
+for the router and the simulator. Every command resolves the whole table, so one config file (or
+one set of variables) serves `compile`, `serve`, `up` and `doctor`.
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ import argparse
 import ipaddress
 import os
 import sys
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from di_router.neuron_cores import TRN2_LOGICAL_CORES
+from di_router.settings import LAUNCH_PREFIX, Field, SettingsError, env_name, layer, read_file
 
 SINGLE_INSTANCE = "single-instance"
 MULTI_INSTANCE = "multi-instance"
-ENV_PREFIX = "DI_ROUTER_"
 
 
 class LaunchError(Exception):
@@ -41,26 +41,11 @@ class Option:
 
     @property
     def env_var(self) -> str:
-        return ENV_PREFIX + self.name.upper()
+        return env_name(LAUNCH_PREFIX, self.name)
 
-    def convert(self, raw: object, source: str) -> Any:
-        """Coerce an environment or TOML value, blaming `source` when it does not fit."""
-        try:
-            if isinstance(raw, str):
-                value = self.type(raw)
-            elif self.type is float and type(raw) is int:
-                value = float(raw)
-            else:
-                value = raw
-            if type(value) is not self.type:
-                raise TypeError
-        except (TypeError, ValueError):
-            raise LaunchError(
-                f"{source}={raw!r}: {self.flag} expects a value of type {self.type.__name__}"
-            ) from None
-        if self.choices and value not in self.choices:
-            raise LaunchError(f"{source}={raw!r}: {self.flag} is one of {', '.join(self.choices)}")
-        return value
+    @property
+    def field(self) -> Field:
+        return Field(self.name, self.type, self.choices)
 
 
 OPTIONS: dict[str, Option] = {
@@ -105,6 +90,12 @@ OPTIONS: dict[str, Option] = {
             "router_host",
             "address the router listens on; default 127.0.0.1 single-instance, 0.0.0.0 "
             "multi-instance (the client and other hosts must reach it)",
+        ),
+        Option(
+            "router_config_file",
+            "where `up` writes the router's TOML config for the layout and starts it with "
+            "--config FILE (reusable: neuron-proxy-server --config FILE); default a new file "
+            "in the temp directory",
         ),
         Option("kv_port", "KV signal-plane port (kv_port); default vLLM's 14579", int),
         Option(
@@ -157,6 +148,7 @@ class Settings:
     baseline_port: int
     router_port: int
     router_host: str | None
+    router_config_file: str | None
     kv_port: int | None
     bootstrap_port: int
     host: str | None
@@ -186,8 +178,7 @@ def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        default=os.environ.get(ENV_PREFIX + "CONFIG"),
-        help=f"TOML file of settings (keys as flag names); env {ENV_PREFIX}CONFIG",
+        help=f"TOML file of settings (keys as flag names); env {env_name(LAUNCH_PREFIX, 'config')}",
     )
     for name in names:
         opt = OPTIONS[name]
@@ -202,34 +193,17 @@ def add_options(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
         )
 
 
-def load_config(path: Path) -> dict[str, object]:
-    try:
-        table = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise LaunchError(f"--config {path}: cannot read it ({exc.strerror})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LaunchError(f"--config {path}: not valid TOML ({exc})") from None
-    config = {key.replace("-", "_"): value for key, value in table.items()}
-    unknown = sorted(set(config) - set(OPTIONS))
-    if unknown:
-        raise LaunchError(
-            f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
-        )
-    return config
-
-
 def resolve(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> Settings:
-    """Layer flags over `DI_ROUTER_*` variables over the config file over defaults."""
-    config_path = getattr(args, "config", None)
-    config = load_config(Path(config_path)) if config_path else {}
-    values: dict[str, Any] = {}
-    for name, opt in OPTIONS.items():
-        value = getattr(args, name, None)
-        if value is None and opt.env_var in environ:
-            value = opt.convert(environ[opt.env_var], opt.env_var)
-        if value is None and name in config:
-            value = opt.convert(config[name], f"{name} in {config_path}")
-        values[name] = opt.default if value is None else value
+    """Layer flags over `DI_LAUNCH_*` variables over the config file over defaults."""
+    fields = {name: opt.field for name, opt in OPTIONS.items()}
+    config_path = getattr(args, "config", None) or environ.get(env_name(LAUNCH_PREFIX, "config"))
+    try:
+        config = read_file(config_path, fields) if config_path else {}
+        flags = {name: getattr(args, name, None) for name in OPTIONS}
+        given = layer(fields, LAUNCH_PREFIX, environ, config, str(config_path), flags)
+    except SettingsError as exc:
+        raise LaunchError(str(exc)) from None
+    values: dict[str, Any] = {name: given.get(name, opt.default) for name, opt in OPTIONS.items()}
     if values["tp_degree"] is None:
         per_instance = servers_per_instance(values["topology"], values["pairs"])
         values["tp_degree"] = max(1, values["instance_cores"] // per_instance)

@@ -14,16 +14,26 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import httpx
 
 from di_router.argv import router_argv
 from di_router.launcher.ports import ALL_INTERFACES, ensure_ports_free
-from di_router.launcher.router_options import add_router_options, check_router_argv, router_flags
+from di_router.launcher.router_config import (
+    router_host,
+    router_table,
+    write_router_config,
+)
+from di_router.launcher.router_options import (
+    add_router_options,
+    check_router_argv,
+    router_options,
+)
 from di_router.launcher.serve_cmd import SERVE_OPTIONS
-from di_router.launcher.server_plan import LOOPBACK, peer_ips, plan_server, server_port
+from di_router.launcher.server_plan import LOOPBACK, plan_server
 from di_router.launcher.settings import Settings, add_options, run
 
 UP_OPTIONS = (
@@ -31,6 +41,7 @@ UP_OPTIONS = (
     "pairs",
     "router_host",
     "router_port",
+    "router_config_file",
     "ready_timeout",
 )
 DEFAULT_READY_TIMEOUT = {"sim": 60.0, "vllm": 1800.0}
@@ -57,21 +68,15 @@ def _reachable(host: str) -> str:
     return LOOPBACK if host in ("", ALL_INTERFACES, "::") else host
 
 
-def router_host(settings: Settings) -> str:
-    """127.0.0.1 when everything is on this host; all interfaces when other hosts (the decode
-    host's clients, a load balancer) must reach it."""
-    if settings.router_host is not None:
-        return settings.router_host
-    return LOOPBACK if settings.single_instance else ALL_INTERFACES
-
-
-def router_url(settings: Settings, router_flags: Sequence[str]) -> str:
-    scheme = "https" if "--ssl-certfile" in router_flags else "http"
+def router_url(settings: Settings, tls: bool) -> str:
+    scheme = "https" if tls else "http"
     return f"{scheme}://{_reachable(router_host(settings))}:{settings.router_port}"
 
 
-def child_specs(settings: Settings, router_flags: Sequence[str] = ()) -> list[ChildSpec]:
-    """The servers this host runs, then the router in front of every pair, in pairing order.
+def child_specs(settings: Settings, router_config: Path, tls: bool = False) -> list[ChildSpec]:
+    """The servers this host runs, then the router in front of every pair, reading the config
+    file `up` wrote for them (`router_config.py`; its own --host/--port flags keep a stray
+    `DI_ROUTER_HOST`/`_PORT` from moving it away from where `up` checks its health).
 
     single-instance: each pair's prefill and decode, bound to loopback, router on loopback.
     multi-instance: this is the prefill host: its prefill server and the router (all interfaces);
@@ -81,28 +86,19 @@ def child_specs(settings: Settings, router_flags: Sequence[str] = ()) -> list[Ch
         roles: tuple[str, ...] = ("prefill", "decode")
     else:
         roles = ("prefill",)
-    specs, pairs = [], []
+    specs = []
     for pair in range(settings.pairs):
         for role in roles:
             plan = plan_server(role, settings, pair)
             name = role if settings.pairs == 1 else f"{role}{pair}"
             health = f"http://{_reachable(settings.host or ALL_INTERFACES)}:{plan.port}/health"
             specs.append(ChildSpec(name, plan.argv, plan.env, health, plan.listen_ports))
-        pairs.append(backend_urls(settings, pair))
-    argv = router_argv(router_host(settings), settings.router_port, pairs, router_flags)
+    config = ["--config", str(router_config)]
+    argv = router_argv(router_host(settings), settings.router_port, [], config)
     check_router_argv(argv[3:])
     ports = {"--router-port": settings.router_port}
-    health = router_url(settings, router_flags) + "/health"
+    health = router_url(settings, tls) + "/health"
     return [*specs, ChildSpec("router", argv, {}, health, ports)]
-
-
-def backend_urls(settings: Settings, pair: int) -> tuple[str, str]:
-    """(prefill URL, decode URL) of pair `pair`, as the router reaches them."""
-    prefill_ip, decode_ip = (LOOPBACK, LOOPBACK) if settings.single_instance else peer_ips(settings)
-    return (
-        f"http://{prefill_ip}:{server_port('prefill', settings, pair)}",
-        f"http://{decode_ip}:{server_port('decode', settings, pair)}",
-    )
 
 
 def log(message: str, name: str = "up") -> None:
@@ -254,7 +250,10 @@ class Supervisor:
 def up(
     args: argparse.Namespace, settings: Settings, on_ready: Callable[[], None] | None = None
 ) -> int:
-    specs = child_specs(settings, router_flags(args))
+    options = router_options(args)
+    path = write_router_config(router_table(settings, options), settings.router_config_file)
+    log(f"router config: {path} (`neuron-proxy-server --config {path}` serves these pairs)")
+    specs = child_specs(settings, path, tls="ssl-certfile" in options)
     ensure_ports_free({flag: port for spec in specs for flag, port in spec.listen_ports.items()})
     timeout = settings.ready_timeout or DEFAULT_READY_TIMEOUT[settings.engine]
     return asyncio.run(Supervisor(specs, timeout, on_ready).run())

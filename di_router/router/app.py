@@ -22,7 +22,8 @@ from di_router.router.upstream import normalise_error_body
 from di_router.wire.errors import error_body
 from di_router.wire.responses import json_response
 
-CONFIG_ENV = "DI_ROUTER_CONFIG_JSON"
+CONFIG_ENV = "_DI_ROUTER_WORKER_CONFIG"
+"""The resolved config, handed to Hypercorn's worker processes (not a setting: no DI_ROUTER_)."""
 _COMPLETION_ROUTES = {"/v1/completions": False, "/v1/chat/completions": True}
 _UNAUTHORIZED = orjson.dumps(error_body(401, "Missing or invalid API key."))
 _NOT_ALLOWED = orjson.dumps(error_body(405, "Only POST is allowed on this route."))

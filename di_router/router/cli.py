@@ -1,7 +1,8 @@
 """`neuron-proxy-server`: a drop-in for the Neuron fork's router, with its flags and more.
 
 Every flag can also be set as an environment variable `DI_ROUTER_<FLAG>` (e.g.
-`DI_ROUTER_DECODE_IP`); flags win over the environment.
+`DI_ROUTER_DECODE_IP`) or in a TOML file (`--config FILE` or `DI_ROUTER_CONFIG`); flags win over
+the environment, which wins over the file (`di_router.settings`).
 """
 
 from __future__ import annotations
@@ -15,27 +16,18 @@ import resource
 import shutil
 import sys
 import tempfile
-import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from di_router import serving
+from di_router import serving, settings
 from di_router.router.app import CONFIG_ENV, create_app
 from di_router.router.config import RouterConfig
 from di_router.router.logs import configure_logging
 
 log = logging.getLogger("di_router.router")
 _DEFAULTS = RouterConfig()
-
-
-def _env(name: str, default: object) -> object:
-    return os.environ.get(f"DI_ROUTER_{name.upper()}", default)
-
-
-def _env_flag(name: str) -> bool:
-    return str(_env(name, "")).lower() in ("1", "true", "yes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,10 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text: str,
         choices: Sequence[str] | None = None,
     ) -> None:
-        name = flag.removeprefix("--").replace("-", "_")
-        p.add_argument(
-            flag, type=kind, default=_env(name, default), help=help_text, choices=choices
-        )
+        p.add_argument(flag, type=kind, default=default, help=help_text, choices=choices)
 
     add("--prefill-ip", "localhost", str, "prefill (KV producer) server host")
     add("--prefill-port", 8100, int, "prefill server port")
@@ -66,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         metavar="FILE",
         help="TOML file of settings named like the flags (prefill = [...], prefill-timeout = 60); "
-        "flags and DI_ROUTER_* variables win over it",
+        "flags and DI_ROUTER_* variables win over it (env DI_ROUTER_CONFIG)",
     )
     p.add_argument(
         "--prefill",
@@ -194,13 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protect-metrics",
         action="store_true",
-        default=_env_flag("protect_metrics"),
         help="require a client key on /metrics too",
     )
     p.add_argument(
         "--verbose-errors",
         action="store_true",
-        default=_env_flag("verbose_errors"),
         help="put backend URLs and exception details in client errors (development only)",
     )
     add(
@@ -260,7 +247,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_concurrent_requests=args.max_concurrent_requests,
         max_queued_requests=args.max_queued_requests,
         queue_timeout_s=args.queue_timeout,
-        api_keys=_api_keys(args.api_key),
+        api_keys=args.api_key or [],
         backend_api_key=args.backend_api_key or None,
         protect_metrics=args.protect_metrics,
         verbose_errors=args.verbose_errors,
@@ -272,12 +259,6 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         log_level=args.log_level,
         log_format=args.log_format,
     )
-
-
-def _api_keys(flags: list[str] | None) -> list[str]:
-    if flags:
-        return flags
-    return [key.strip() for key in str(_env("api_key", "")).split(",") if key.strip()]
 
 
 def raise_descriptor_limit() -> int:
@@ -347,51 +328,27 @@ def serve(config: RouterConfig) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def apply_config_file(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None
-) -> dict[str, object]:
-    """`--config FILE`: TOML whose keys are the flags' names (`prefill = ["http://..."]`,
-    `prefill-timeout = 60`). Flags win over the environment, which wins over the file."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    path = pre.parse_known_args(argv)[0].config
-    if not path:
-        return {}
+def parse_config(
+    argv: Sequence[str] | None, environ: Mapping[str, str] = os.environ
+) -> RouterConfig:
+    """The router's settings from flags, `DI_ROUTER_*` variables and the config file. Raises
+    SettingsError for a value that does not fit and ValueError for settings that do not go
+    together (the message names the setting either way)."""
+    args = settings.parse_args(build_parser(), argv, settings.ROUTER_PREFIX, environ)
     try:
-        with open(path, "rb") as file:
-            settings = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        parser.error(f"--config {path}: {exc}")
-    actions = {action.dest: action for action in parser._actions}
-    defaults: dict[str, object] = {}
-    lists: dict[str, object] = {}
-    for key, value in settings.items():
-        dest = key.replace("-", "_")
-        if dest not in actions or dest in ("help", "config"):
-            parser.error(f"--config {path}: no setting called {key!r}")
-        if f"DI_ROUTER_{dest.upper()}" in os.environ:
-            continue
-        # A repeatable flag given on the command line replaces the file's list, not extends it.
-        target = lists if isinstance(actions[dest], argparse._AppendAction) else defaults
-        target[dest] = value
-    parser.set_defaults(**defaults)
-    return lists
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    lists = apply_config_file(parser, argv)
-    args = parser.parse_args(argv)
-    for dest, value in lists.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, value)
-    try:
-        config = config_from_args(args)
+        return config_from_args(args)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"]))
         message = str(err["msg"]).removeprefix("Value error, ")
-        parser.error(f"{where}: {message}" if where else message)
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+    except ValueError as exc:  # SettingsError included
+        build_parser().error(str(exc))
     configure_logging(config.log_level, config.log_format)
     return serve(config)
 

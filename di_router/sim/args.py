@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from di_router.kv_config import KVTransferConfig, parse_kv_transfer_config, visible_cores_from_env
+from di_router.settings import SIM_PREFIX, parse_args
 from di_router.sim.faults import add_fault_arguments, fault_settings
 from di_router.sim.profiles import DEFAULT_PROFILE, PROFILES
 from di_router.sim.settings import SimSettings
@@ -175,10 +176,14 @@ def settings_from_args(args: argparse.Namespace) -> tuple[SimSettings, list[str]
     return settings, warnings
 
 
-def parse_settings(argv: Sequence[str] | None = None) -> tuple[SimSettings, list[str]]:
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] = os.environ
+) -> tuple[SimSettings, list[str]]:
+    """Flags over `DI_SIM_*` variables over the TOML file `DI_SIM_CONFIG` (`di_router.settings`;
+    no `--config` flag, which vLLM spends on its own YAML file)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse_args(parser, argv, SIM_PREFIX, environ)
         return settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))

@@ -12,6 +12,7 @@ import httpx
 
 from di_router.cli import build_parser
 from di_router.launcher.settings import Settings, resolve
+from di_router.settings import LAUNCH_PREFIX, ROUTER_PREFIX, SIM_PREFIX
 from tests.support import free_port, wait_until  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,8 +29,10 @@ def settings(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> S
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    """The test process's environment minus DI_ROUTER_* so only each test's settings apply."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DI_ROUTER_")}
+    """The test process's environment minus every program's settings variables, so only each
+    test's settings apply."""
+    prefixes = (ROUTER_PREFIX, SIM_PREFIX, LAUNCH_PREFIX)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
     env["PYTHONPATH"] = str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
     return env | extra

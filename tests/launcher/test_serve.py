@@ -104,4 +104,4 @@ def test_serve_refuses_a_busy_port() -> None:
 def test_help_lists_environment_names() -> None:
     result = run_launcher("serve", "--help")
     assert result.returncode == 0
-    assert "DI_ROUTER_TP_DEGREE" in result.stdout
+    assert "DI_LAUNCH_TP_DEGREE" in result.stdout

@@ -1,4 +1,4 @@
-"""Every setting from flags, DI_ROUTER_* variables or a TOML file, in that order of precedence;
+"""Every setting from flags, DI_LAUNCH_* variables or a TOML file, in that order of precedence;
 and validation errors that name the flag and the fix."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def test_settings_fields_and_options_table_agree() -> None:
 def test_precedence_flag_over_env_over_config_over_default(tmp_path) -> None:
     config = tmp_path / "di.toml"
     config.write_text('tp-degree = 16\nbatch_size = 8\nprefill-port = 9100\nengine = "sim"\n')
-    env = {"DI_ROUTER_TP_DEGREE": "8", "DI_ROUTER_BATCH_SIZE": "2"}
+    env = {"DI_LAUNCH_TP_DEGREE": "8", "DI_LAUNCH_BATCH_SIZE": "2"}
     got = settings([*SERVE, "--config", str(config), "--tp-degree", "4"], env)
     assert got.tp_degree == 4  # flag beats env and file
     assert got.batch_size == 2  # env beats file
@@ -49,8 +49,8 @@ def test_defaults_follow_topology() -> None:
         ([*SERVE, "--tp-degree", "0"], {}, "--tp-degree 0: must be at least 1"),
         ([*SERVE, "--prefill-ip", "my-host"], {}, "--prefill-ip 'my-host': not an IP address"),
         ([*SERVE, "--decode-port", "70000"], {}, "--decode-port 70000: not a TCP port"),
-        (SERVE, {"DI_ROUTER_TP_DEGREE": "many"}, "DI_ROUTER_TP_DEGREE='many': --tp-degree"),
-        (SERVE, {"DI_ROUTER_ENGINE": "tgi"}, "--engine is one of vllm, sim"),
+        (SERVE, {"DI_LAUNCH_TP_DEGREE": "many"}, "DI_LAUNCH_TP_DEGREE='many': --tp-degree"),
+        (SERVE, {"DI_LAUNCH_ENGINE": "tgi"}, "--engine is one of vllm, sim"),
         ([*SERVE, "--sim-profile", "instant"], {}, "--sim-profile only applies with --engine sim"),
     ],
 )

@@ -1,16 +1,20 @@
-"""The commands `di-router up` runs for each layout (golden argv and environment), and two of
-them end to end on the simulator: two pairs on one host, and two "hosts" on loopback."""
+"""The commands `di-router up` runs for each layout (golden argv, environment and router config
+file), and two of them end to end on the simulator: two pairs on one host, and two "hosts" on
+loopback."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import httpx
 import pytest
 
 from di_router.launcher.ports import port_in_use
-from di_router.launcher.router_options import router_flags
+from di_router.launcher.router_config import router_table, write_router_config
+from di_router.launcher.router_options import router_options
 from di_router.launcher.settings import LaunchError
 from di_router.launcher.up_cmd import child_specs
 from tests.launcher.launcher_helpers import free_port, launcher_argv, launcher_env, parse
@@ -23,17 +27,29 @@ TWO_HOSTS += ["--prefill-ip", "10.0.1.10", "--decode-ip", "10.0.1.20"]
 
 
 def specs(*argv: str):
+    """What `up` would start, after writing the router's config file as `up` does."""
     args, resolved = parse(["up", *argv])
-    return child_specs(resolved, router_flags(args))
+    options = router_options(args)
+    path = write_router_config(router_table(resolved, options), resolved.router_config_file)
+    return child_specs(resolved, path, tls="ssl-certfile" in options)
+
+
+def router_config(router) -> dict:
+    """The config file the router was started with, as the router reads it."""
+    assert router.argv[-2] == "--config"
+    return tomllib.loads(Path(router.argv[-1]).read_text())
 
 
 def test_two_hosts_prefill_host_runs_prefill_and_a_router_every_host_reaches() -> None:
     prefill, router = specs(*TWO_HOSTS)
     assert (prefill.name, router.name) == ("prefill", "router")
-    assert router.argv == [
-        PY, "-m", "di_router.router.cli", "--host", "0.0.0.0", "--port", "8000",
-        "--prefill", "http://10.0.1.10:8100", "--decode", "http://10.0.1.20:8200",
+    assert router.argv[:-1] == [
+        PY, "-m", "di_router.router.cli", "--host", "0.0.0.0", "--port", "8000", "--config",
     ]  # fmt: skip
+    assert router_config(router) == {
+        "host": "0.0.0.0", "port": 8000,
+        "prefill": ["http://10.0.1.10:8100"], "decode": ["http://10.0.1.20:8200"],
+    }  # fmt: skip
     assert prefill.env == {
         "NEURON_COMPILED_ARTIFACTS": "di_traced_model_tp64_b4/",
         "NEURON_RT_ASYNC_EXEC_MAX_INFLIGHT_REQUESTS": "2",
@@ -78,12 +94,12 @@ def test_router_options_pass_through_and_are_checked_before_start() -> None:
         "--router-workers", "4", "--router-log-format", "json", "--router-api-key", "k1",
         "--router-api-key", "k2", "--router-protect-metrics", "--router-decode-timeout", "60",
     )  # fmt: skip
-    assert router.argv[3:] == [
-        "--host", "10.0.1.10", "--port", "9000",
-        "--prefill", "http://10.0.1.10:8100", "--decode", "http://10.0.1.20:8200",
-        "--workers", "4", "--decode-timeout", "60.0", "--api-key", "k1", "--api-key", "k2",
-        "--protect-metrics", "--log-format", "json",
-    ]  # fmt: skip
+    assert router_config(router) == {
+        "host": "10.0.1.10", "port": 9000,
+        "prefill": ["http://10.0.1.10:8100"], "decode": ["http://10.0.1.20:8200"],
+        "workers": 4, "decode-timeout": 60.0, "api-key": ["k1", "k2"],
+        "protect-metrics": True, "log-format": "json",
+    }  # fmt: skip
     assert router.health_url == "http://10.0.1.10:9000/health"
     with pytest.raises(LaunchError, match="--ssl-certfile and --ssl-keyfile go together"):
         specs(*TWO_HOSTS, "--router-ssl-certfile", "/c.pem")
@@ -100,11 +116,9 @@ def test_layout_flags_are_not_router_options() -> None:
 def test_two_pairs_on_one_host_get_their_own_cores_ports_and_router_pair() -> None:
     got = specs("--engine", "sim", "--model-path", "m", "--pairs", "2", "--kv-port", "14000")
     assert [s.name for s in got] == ["prefill0", "decode0", "prefill1", "decode1", "router"]
-    assert got[-1].argv[3:] == [
-        "--host", "127.0.0.1", "--port", "8000",
-        "--prefill", "http://127.0.0.1:8100", "--decode", "http://127.0.0.1:8200",
-        "--prefill", "http://127.0.0.1:8101", "--decode", "http://127.0.0.1:8201",
-    ]  # fmt: skip
+    config = router_config(got[-1])
+    assert config["prefill"] == ["http://127.0.0.1:8100", "http://127.0.0.1:8101"]
+    assert config["decode"] == ["http://127.0.0.1:8200", "http://127.0.0.1:8201"]
     cores = [s.env["NEURON_RT_VISIBLE_CORES"] for s in got[:4]]
     assert cores == ["0-15", "16-31", "32-47", "48-63"]  # TP16 by default: 4 servers fit
     for pair in (0, 1):
@@ -151,13 +165,20 @@ def _kv(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/sim/stats", timeout=5, trust_env=False).json()["kv"]
 
 
-def test_up_two_pairs_end_to_end_every_request_completes_and_both_pairs_serve() -> None:
+def test_up_two_pairs_end_to_end_every_request_completes_and_both_pairs_serve(tmp_path) -> None:
     p_port, d_port, kv_port = _port_and_next(), _port_and_next(), _port_and_next()
     requests = 20
+    config = tmp_path / "router.toml"
     with up("--sim-profile", "instant", "--pairs", "2", "--prefill-port", str(p_port),
-            "--decode-port", str(d_port), "--kv-port", str(kv_port)) as running:  # fmt: skip
+            "--decode-port", str(d_port), "--kv-port", str(kv_port),
+            "--router-config-file", str(config)) as running:  # fmt: skip
         running.wait_for_line("[up] ready")
         assert {"prefill0", "decode0", "prefill1", "decode1", "router"} == set(running.pids())
+        assert f"[up] router config: {config}" in running.output()
+        table = tomllib.loads(config.read_text())  # what another host's router would read
+        assert table["prefill"] == [f"http://127.0.0.1:{p_port + i}" for i in (0, 1)]
+        assert table["decode"] == [f"http://127.0.0.1:{d_port + i}" for i in (0, 1)]
+        assert (table["host"], table["port"]) == ("127.0.0.1", running.router_port)
         _completions(running.router_port, requests)
         report = httpx.get(f"http://127.0.0.1:{running.router_port}/backends").json()
         peers = {(b["url"], b["paired_with"]) for b in report["backends"]}
