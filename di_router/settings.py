@@ -95,14 +95,15 @@ def read_file(path: str | os.PathLike[str], fields: Mapping[str, Field]) -> dict
     try:
         table = tomllib.loads(Path(path).read_text())
     except OSError as exc:
-        raise SettingsError(f"--config {path}: cannot read it ({exc.strerror})") from None
+        raise SettingsError(f"config file {path}: cannot read it ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"--config {path}: not valid TOML ({exc})") from None
+        raise SettingsError(f"config file {path}: not valid TOML ({exc})") from None
     values = {key.replace("-", "_"): value for key, value in table.items()}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise SettingsError(
-            f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(fields)}"
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}; "
+            f"known: {', '.join(fields)}"
         )
     return values
 
@@ -168,8 +169,8 @@ def parse_args(
     environ: Mapping[str, str] = os.environ,
 ) -> argparse.Namespace:
     """`parser.parse_args(argv)` with `<PREFIX>*` variables and the config file underneath the
-        flags. A repeatable flag on the command line replaces the lower layer's list (argparse would
-        append to it). A value that does not fit raises SettingsError naming its source; argparse
+    flags. A repeatable flag on the command line replaces the lower layer's list (argparse would
+    append to it). A value that does not fit raises SettingsError naming its source; argparse
     still ends the program on a bad flag."""
     fields = parser_fields(parser)
     path = config_path(parser, argv, prefix, environ)

@@ -107,6 +107,18 @@ def test_router_options_pass_through_and_are_checked_before_start() -> None:
     assert tls[-1].health_url == "https://127.0.0.1:8000/health"
 
 
+def test_a_router_config_up_did_not_write_is_never_overwritten(tmp_path) -> None:
+    mine = tmp_path / "router.toml"
+    mine.write_text('prefill = ["http://10.9.9.9:8100"]\n')
+    with pytest.raises(LaunchError, match="exists and `di-router up` did not write it"):
+        specs(*TWO_HOSTS, "--router-config-file", str(mine))
+    assert mine.read_text() == 'prefill = ["http://10.9.9.9:8100"]\n'
+    written = tmp_path / "up.toml"
+    for port in ("8000", "9000"):  # up's own file is rewritten on each run
+        specs(*TWO_HOSTS, "--router-config-file", str(written), "--router-port", port)
+        assert tomllib.loads(written.read_text())["port"] == int(port)
+
+
 def test_layout_flags_are_not_router_options() -> None:
     """The backends come from the layout; a --router-prefill would contradict it."""
     with pytest.raises(SystemExit):
