@@ -462,12 +462,17 @@ async def _arrivals(
         async with slots:
             await send(http, index)
 
+    loop = asyncio.get_running_loop()
+    due = loop.time()
     for index in range(count):
         if expired():
             return
         group.create_task(bounded(index))
         if index + 1 < count:
-            await asyncio.sleep(rng.expovariate(config.request_rate))
+            # Each arrival is due at an absolute time: sleeping each gap after the last send
+            # would add every timer's lateness to all later arrivals.
+            due += rng.expovariate(config.request_rate)
+            await asyncio.sleep(max(0.0, due - loop.time()))
 
 
 async def warm_up(config: LoadConfig, spec: RequestSpec, client: httpx.AsyncClient) -> None:
