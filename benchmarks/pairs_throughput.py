@@ -28,7 +28,7 @@ from load_client import client_session, closed_loop, completion_body
 
 from di_router import argv
 from di_router.bench import stack
-from di_router.plan.agreement import _etcd_stack
+from di_router.plan.agreement import etcd_stack
 from di_router.plan.layouts import Layout
 from tests.discovery.conftest import EtcdServer
 
@@ -89,7 +89,7 @@ def etcd_workers(pairs: int) -> Iterator[str]:
     etcd = EtcdServer()
     try:
         layout = Layout("di", 1, BATCH, prefills=pairs, decodes=pairs)
-        with _etcd_stack(layout, PROFILE, etcd.endpoint) as url:
+        with etcd_stack(layout, PROFILE, etcd.endpoint) as url:
             yield url
     finally:
         etcd.close()

@@ -142,14 +142,14 @@ def real_stack(layout: Layout, profile: str, etcd: str | None = None) -> Iterato
     elif not layout.static_pairing and layout.kind == "di":
         if etcd is None:
             raise ValueError(f"{layout.name} pairs any-to-any: it needs an etcd HOST:PORT")
-        with _etcd_stack(layout, profile, etcd) as url:
+        with etcd_stack(layout, profile, etcd) as url:
             yield url
     else:
         raise ValueError(f"no real stack for {layout.name}")
 
 
 @contextlib.contextmanager
-def _etcd_stack(layout: Layout, profile: str, etcd: str) -> Iterator[str]:
+def etcd_stack(layout: Layout, profile: str, etcd: str) -> Iterator[str]:
     """Neuron 2.26 workers registered in etcd, and the router following the registry."""
     servers: list[stack.Server] = []
     try:
