@@ -41,6 +41,7 @@ def run(
     config: Config,
     on_bound: Callable[[], None] | None = None,
     on_signal: Callable[[], None] | None = None,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM, then shut down gracefully (lifespan shutdown runs).
 
@@ -63,7 +64,11 @@ def run(
             _call_when_bound(on_bound)
         await serve(app, config, shutdown_trigger=stop.wait)
 
-    _run_loop(main())
+    if loop_factory is None:
+        _run_loop(main())
+        return
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
 
 
 def _call_when_bound(callback: Callable[[], None]) -> None:

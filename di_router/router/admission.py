@@ -9,6 +9,39 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from dataclasses import dataclass
+
+PER_REQUEST = 3
+"""Descriptors an admitted request holds: the client's socket and one to each server."""
+RESERVE = 32
+"""Descriptors kept for the listener, health probes, etcd, log files and the loop itself."""
+
+
+@dataclass(frozen=True)
+class DescriptorBudget:
+    requests: int
+    connections: int
+    reason: str
+
+
+def descriptor_budget(limit: int, in_use: int, requests: int) -> DescriptorBudget:
+    """How many requests and client connections fit in `limit` descriptors of which `in_use`
+    are taken. Beyond that, a connect fails with EMFILE (a 503 for a request already
+    admitted) or, worse, an accept does (the client is reset without an answer).
+
+    Unless `requests` is set, three quarters of what is spare go to admitted requests (three
+    descriptors each) and a quarter to connections that are idle, queued or being told 429, so
+    that clients beyond the budget mostly get an answer rather than wait in the backlog.
+    Connections are capped at what the admitted requests leave.
+    """
+    spare = max(limit - in_use - RESERVE, PER_REQUEST)
+    why = f"{limit} descriptors, {in_use} in use, {RESERVE} kept"
+    if requests:
+        why = f"--max-concurrent-requests {requests}; {why}"
+    else:
+        requests = max(spare // (PER_REQUEST + 1), 1)
+    connections = max(spare - (PER_REQUEST - 1) * requests, 1)
+    return DescriptorBudget(requests, connections, why)
 
 
 class Overloaded(Exception):

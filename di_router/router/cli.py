@@ -22,8 +22,10 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from di_router import serving, settings
+from di_router.router.admission import descriptor_budget
 from di_router.router.app import CONFIG_ENV, create_app
 from di_router.router.config import RouterConfig
+from di_router.router.listener import capped_loop_factory
 from di_router.router.logs import configure_logging
 
 log = logging.getLogger("di_router.router")
@@ -152,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent-requests",
         _DEFAULTS.max_concurrent_requests,
         int,
-        "completions served at once (0: no limit); more wait in a queue",
+        "completions served at once (0: what the descriptor limit allows, about a quarter "
+        "of it); more wait in a queue",
     )
     add(
         "--max-queued-requests",
@@ -287,10 +290,22 @@ def ready_line(config: RouterConfig) -> str:
     )
 
 
+def open_descriptors() -> int:
+    with contextlib.suppress(OSError):
+        return len(os.listdir("/proc/self/fd")) - 1  # less the directory's own
+    return 0
+
+
 def serve(config: RouterConfig) -> int:
-    limit = raise_descriptor_limit()
+    budget = descriptor_budget(
+        raise_descriptor_limit(), open_descriptors(), config.max_concurrent_requests
+    )
+    log.info(
+        "serving at most %d requests and %d connections at once (%s)",
+        budget.requests, budget.connections, budget.reason,
+    )  # fmt: skip
+    config = config.model_copy(update={"max_concurrent_requests": budget.requests})
     return_large_buffers()
-    log.debug("file descriptor limit: %d", limit)
     # Hypercorn's own grace outlasts the drain, which ends what is left itself.
     tls = {}
     if config.ssl_certfile and config.ssl_keyfile:
@@ -306,8 +321,10 @@ def serve(config: RouterConfig) -> int:
             bind_config,
             on_bound=lambda: print(ready_line(config), file=sys.stderr, flush=True),
             on_signal=app.begin_drain,
+            loop_factory=capped_loop_factory(budget.connections),
         )
         return 0
+    # Hypercorn's workers run their own loops: only the request cap applies there.
     from hypercorn.run import run as run_workers
 
     own_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
