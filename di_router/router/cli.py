@@ -291,6 +291,7 @@ def ready_line(config: RouterConfig) -> str:
 
 
 def open_descriptors() -> int:
+    """Descriptors open now (0 where /proc is missing): the budget is what the limit leaves."""
     with contextlib.suppress(OSError):
         return len(os.listdir("/proc/self/fd")) - 1  # less the directory's own
     return 0
@@ -304,6 +305,8 @@ def serve(config: RouterConfig) -> int:
         "serving at most %d requests and %d connections at once (%s)",
         budget.requests, budget.connections, budget.reason,
     )  # fmt: skip
+    if budget.connections < budget.requests:
+        log.warning("the descriptor limit cannot serve that many requests: raise `ulimit -n`")
     config = config.model_copy(update={"max_concurrent_requests": budget.requests})
     return_large_buffers()
     # Hypercorn's own grace outlasts the drain, which ends what is left itself.
