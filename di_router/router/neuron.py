@@ -11,7 +11,12 @@ exchange that did not end cleanly is settled by three rules:
 1. Prefill is never cancelled before its first token: its reader is a task of its own that
    runs to the end (bounded by the prefill timeout), whoever ends the request.
 2. A decode that may be waiting for KV (sent, not refused, not yet emitted) needs prefill's
-   entry: if prefill failed, the same prefill request goes again to the same server ("rescue").
+   entry. A streamed prefill that missed its timeout past its headers is in its engine: it is
+   read on until it produces (or decode pulls and emits), never aborted. A prefill that failed
+   after it may have run (cut, malformed, silent) is aborted and decode given a grace to pull
+   an entry made before. Only then, or at once if prefill never arrived or was refused, is the
+   same prefill request sent again to the same server ("rescue"): a second request under an id
+   whose entry is still unpulled ends a 2.24 producer's engine (see `_prefill_may_have_run`).
    Then decode is read until it emits (it is past `transferring`, so closing it aborts it).
 3. A decode that never took the request (refused, rejected) or ended before it emitted will
    not pull prefill's entry: if prefill produced one, the router pulls it itself with a
@@ -39,6 +44,11 @@ if TYPE_CHECKING:
     from di_router.router.settle import Settler
 
 log = logging.getLogger("di_router.neuron")
+
+PULL_GRACE_S = 2.0
+"""How long a decode whose prefill lost its answer is given to emit before prefill is re-sent:
+a decode pulls an entry that exists at once (its lookup retries without pause) and emits
+within a step or two."""
 
 
 class NeuronFirstToken:
@@ -222,6 +232,25 @@ class NeuronExchange(Exchange):
         if failed is None or not (failed.never_arrived or failed.rejected):
             # Rule 2: decode may be waiting for KV (accepted, or broken before emitting).
             with settler.orphan():
+                if not produced and self._prefill_in_engine():
+                    # Only its client's wait timed out: the request is in prefill's engine
+                    # (aborting it could race its entry). Let it finish instead, or its entry
+                    # be pulled (a stalled answer may hide a made entry).
+                    produced, emitted, failed = await self._prefill_or_pull(failed)
+                    if emitted:
+                        return
+                if not produced and failed is None and self._prefill_may_have_run():
+                    # Abort it first (what has not produced by now never will), then see
+                    # whether decode pulls an entry it made before the abort.
+                    await self.prefill.aclose()
+                    try:
+                        async with asyncio.timeout(PULL_GRACE_S):
+                            await self._until_emitted()
+                        return  # the entry existed: decode pulled it, no rescue
+                    except TimeoutError:
+                        pass
+                    except UpstreamError as exc:
+                        failed = exc
                 produced = produced or await settler.rescue(
                     self.prefill, self.spec.stream, self._first_failure()
                 )
@@ -259,6 +288,61 @@ class NeuronExchange(Exchange):
             await self.decode.next_events()
         else:
             await self.decode.response()
+
+    def _prefill_in_engine(self) -> bool:
+        """The late prefill is in its engine for sure: a streamed vLLM answer sends its headers
+        before the request is added to the engine, so a stream past its headers is queued or
+        running there. Before them (or not streamed) it may be in the HTTP layer only, where
+        an abort and a re-send are safe and a wait could last for good."""
+        prefill = self.prefill
+        return self.spec.stream and prefill.error is None and prefill.progress is Progress.ACCEPTED
+
+    async def _prefill_or_pull(
+        self, failed: UpstreamError | None
+    ) -> tuple[bool, bool, UpstreamError | None]:
+        """(produced, emitted, decode's failure): the late prefill read on until it produces
+        or ends, while a decode that may still pull is read until it emits."""
+        finishes = asyncio.ensure_future(self._prefill_finishes())
+        pulls = asyncio.ensure_future(self._until_emitted()) if failed is None else None
+        try:
+            waiting = {finishes} if pulls is None else {finishes, pulls}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if pulls in done:
+                assert pulls is not None
+                if pulls.exception() is None:
+                    return True, True, None
+                error = pulls.exception()
+                failed = error if isinstance(error, UpstreamError) else failed
+            return await finishes, False, failed
+        finally:
+            for task in (finishes, pulls):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, UpstreamError):
+                        await task
+
+    async def _prefill_finishes(self) -> bool:
+        """The prefill leg read on past the prefill timeout (bounded by the settler): True once
+        its engine produced (any event: vLLM sends none before the first token)."""
+        try:
+            if self.spec.stream:
+                return await self.prefill.next_events() is not None
+            await self.prefill.json(self.spec.max_response_bytes)
+            return True
+        except UpstreamError:
+            return False
+
+    def _prefill_may_have_run(self) -> bool:
+        """Prefill reached its engine and only its answer was lost (cut, malformed, silent):
+        its KV entry may exist. A rescue then would put a second request under the same id
+        beside the first in the producer's `transferring` queue; on the 2.24 fork both check
+        one `lookup_dict` entry, the first to see it pulled deletes it and the second's lookup
+        raises (`free_transferred_seq_groups`), which ends the engine's loop."""
+        first = self.first
+        error = first.exception() if first.done() and not first.cancelled() else None
+        if not isinstance(error, UpstreamError):
+            return True
+        return not (error.never_arrived or error.rejected)
 
     def _first_failure(self) -> str:
         first = self.first

@@ -100,8 +100,9 @@ class RouterService:
         self, client: Client, hex_id: str, path: str, stream: bool, pair: tuple[Backend, Backend]
     ) -> Callable[[Backend, bytes], Leg]:
         """Starts one request's legs. A leg's socket may stay silent for its role's bound; a
-        non-streamed decode sends nothing before its whole answer, so its socket waits as long
-        as settling may (the client's own deadline is enforced by the exchange).
+        non-streamed decode sends nothing before its whole answer, and a prefill that missed
+        its timeout is read on (not aborted: see `neuron.py`), so their sockets wait as long as
+        settling may (the client's own deadlines are enforced by the exchange).
 
         With discovery (Neuron 2.26), servers are not paired at startup: each leg's id names
         its peer, `cmpl-<hex>_<peer host>:<peer port>`, so that decode knows whom to pull from.
@@ -109,7 +110,7 @@ class RouterService:
         config = self.config
         headers = self.upstream_headers(client, hex_id)
         silence = {
-            "prefill": config.prefill_timeout_s,
+            "prefill": config.settle_timeout_s,
             "decode": config.decode_timeout_s if stream else config.settle_timeout_s,
         }
         prefill, decode = pair

@@ -79,7 +79,7 @@ class Settler:
         timeout, which bounds the whole settlement."""
         rescues = self._metrics.prefill_rescues
         rescues.labels("attempted", reason).inc()
-        await prefill.aclose()  # a prefill that timed out must not produce a second entry
+        await prefill.aclose()  # a late prefill must not make its entry beside the re-sent one
         tries = 0
         while True:
             leg = prefill.resend(self._timeout)

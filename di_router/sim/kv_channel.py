@@ -67,13 +67,24 @@ class KVEntryStore:
     entry_ttl_s: float
     transfer_seconds: Callable[[int], float]
     counters: KVCounters = field(default_factory=KVCounters)
+    on_shared_id: Callable[[str], None] | None = None
+    """Neuron 2.24: called when an entry is pulled while another request under its id waits
+    in `transferring` (see `put`)."""
     _entries: dict[str, KVEntry] = field(default_factory=dict)
     _waiters: dict[str, list[asyncio.Future[None]]] = field(default_factory=dict)
+    _shared: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, engine_id: str, entry: KVEntry) -> None:
+        """A second request under an id whose entry was not pulled yet replaces it, as the
+        fork's `lookup_dict[request_id] = ...` does; both requests stay in `transferring`, and
+        once the entry is pulled the fork's `free_transferred_seq_groups` frees the first,
+        deletes the entry, and raises KeyError looking it up for the second: the engine's loop
+        ends (`on_shared_id`)."""
+        if engine_id in self._entries and self.on_shared_id is not None:
+            self._shared.add(engine_id)
         self._entries[engine_id] = entry
         self.counters.produced += 1
         for waiter in self._waiters.pop(engine_id, []):
@@ -105,8 +116,14 @@ class KVEntryStore:
                     del self._waiters[engine_id]
                 raise
         self.counters.pulled += 1
-        self.clock.call_later(self.transfer_seconds(entry.num_tokens), entry.release)
+        self.clock.call_later(self.transfer_seconds(entry.num_tokens), self._sent, engine_id, entry)
         return entry
+
+    def _sent(self, engine_id: str, entry: KVEntry) -> None:
+        entry.release()
+        if engine_id in self._shared and self.on_shared_id is not None:
+            self._shared.discard(engine_id)
+            self.on_shared_id(engine_id)
 
 
 def _line(message: dict[str, Any]) -> bytes:

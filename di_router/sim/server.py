@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 from di_router.kv_config import KVTransferConfig
 from di_router.sim.clock import Clock
@@ -16,6 +17,9 @@ from di_router.sim.remote_kv import RemoteKV, etcd_kv_port, nixl_abort_timeout, 
 from di_router.sim.settings import SimSettings
 
 log = logging.getLogger("di_router.sim")
+
+ENGINE_DEAD_EXIT_CODE = 3
+"""Exit status when the simulated engine loop died as the fork's would (not an injected crash)."""
 
 
 class SimServer:
@@ -45,8 +49,9 @@ class SimServer:
         elif s.role is Role.PREFILL:
             assert kv is not None
             self.kv_store = KVEntryStore(
-                self.clock, s.kv_entry_ttl_s, s.profile.kv_transfer_seconds
-            )
+                self.clock, s.kv_entry_ttl_s, s.profile.kv_transfer_seconds,
+                on_shared_id=_engine_dead,
+            )  # fmt: skip
             self.kv_server = KVChannelServer(self.kv_store, kv.neuron_core_offset)
             await self.kv_server.start(s.host, kv.kv_port)
             log.info("KV handshake: waiting for a consumer on port %d", kv.kv_port)
@@ -213,3 +218,15 @@ class SimServer:
         if self.remote_kv is not None:
             stats["kv_producers_pulled_from"] = len(self.remote_kv.peers)
         return stats
+
+
+def _engine_dead(engine_id: str) -> NoReturn:
+    """The fork's engine loop has raised (AsyncEngineDeadError); vLLM's server then shuts down
+    (`entrypoints/launcher.py`, `_add_shutdown_handlers`, unless
+    VLLM_KEEP_ALIVE_ON_ENGINE_DEATH)."""
+    log.error(
+        "engine loop died: KeyError(%r) in free_transferred_seq_groups (two requests under one "
+        "id were in `transferring` when its KV was pulled)",
+        engine_id,
+    )
+    os._exit(ENGINE_DEAD_EXIT_CODE)

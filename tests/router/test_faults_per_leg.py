@@ -78,11 +78,6 @@ FAULTS = [
     ),
 ]
 LEGS = ("prefill", "decode")
-_LOST_ANSWER = (
-    "open: prefill produced its KV entry but its answer was lost, so the router rescues it and "
-    "the same id makes a second entry; decode pulls one and the other stays pending (prefill "
-    "slot held). The README's failure table does not cover an answer lost after the engine ran"
-)
 _SILENT_AFTER_PULL = (
     "open: decode pulled the KV and then went silent; the router takes a silent decode for a "
     "queued one and releases prefill's entry with a one-token pull, which then waits in "
@@ -90,12 +85,6 @@ _SILENT_AFTER_PULL = (
     "retrying a pull that reached decode)"
 )
 KNOWN: dict[tuple[str, str, bool], str] = {
-    **{
-        (name, "prefill", s): _LOST_ANSWER
-        for name in ("drop", "stall", "malformed_json", "oversized")
-        for s in (True, False)
-    },
-    ("malformed_sse", "prefill", True): _LOST_ANSWER,
     ("stall", "decode", True): _SILENT_AFTER_PULL,
     ("stall", "decode", False): _SILENT_AFTER_PULL,
     ("stall_headers", "decode", False): (

@@ -94,6 +94,24 @@ def test_cancelled_prefills_wedge_a_four_slot_decode_server(four_slots):
     assert p.status_code == 200 and d.status_code == 200
 
 
+def test_a_second_prefill_under_an_unpulled_id_ends_the_engine_once_pulled():
+    """Two prefill requests under one id before decode pulls: `NeuronBuffer.async_send_kv_caches`
+    replaces `lookup_dict[request_id]`, both sequence groups wait in `transferring`, and once
+    the entry is pulled `Scheduler.free_transferred_seq_groups` frees the first, deletes the
+    entry (`check_transfer_done(..., remove=True)`) and raises KeyError for the second: the
+    engine's loop dies and vLLM's server shuts down (`entrypoints/launcher.py`)."""
+    prefill, decode = start_pair()
+    with running(prefill, decode):
+        body = completion_body("twice", 3)
+        for _ in range(2):
+            assert post(prefill, COMPLETIONS, {**body, "max_tokens": 1}, "twice").status_code == 200
+        assert sim_stats(prefill)["transferring"] == 2
+        assert post(decode, COMPLETIONS, body, "twice").status_code == 200  # the pull
+        wait_until(lambda: prefill.popen.poll() is not None, 10, "the producer's engine dies")
+        assert prefill.popen.returncode == 3
+        assert "KeyError('cmpl-twice-0') in free_transferred_seq_groups" in prefill.log()
+
+
 # -- 3: startup handshake ------------------------------------------------------------------------
 def _refuses_http(proc) -> bool:
     port = int(proc.url.rsplit(":", 1)[1])
