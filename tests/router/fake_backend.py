@@ -95,15 +95,13 @@ class FakeBackend:
         self.handler = handler
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.served = 0
-        """Completion requests whose handler returned or raised."""
+        self.request_ids: list[str] = []
+        """The `X-Request-Id` of every completion request, as it came."""
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
+        self.request_ids.append(request.headers.get("X-Request-Id", ""))
         body = orjson.loads(await request.read())
-        try:
-            return await self.handler(request, body)
-        finally:
-            self.served += 1
+        return await self.handler(request, body)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 30)
