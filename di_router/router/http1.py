@@ -5,7 +5,7 @@ The router relays tens of thousands of events a second, each one a read of a sma
 general client spends most of its time per read on layers the router does not need (a stream
 reader, a timer rescheduled on every read, header multidicts, payload objects). Here a read is a
 chunked-body decode in `data_received` and a future set, the silence timeout is one timer per
-waiting read rather than one per byte, and idle connections sit in a LIFO stack (O(1) per
+connection rather than one per read, and idle connections sit in a LIFO stack (O(1) per
 request, whatever the pool size). Failures are httpx's exception classes, so the httpx
 transport over this (`transport.py`) only adapts objects.
 """
@@ -70,8 +70,7 @@ class Http1Body(httpx.AsyncByteStream):
     that gave up on a stream can hand it to another that keeps reading (the settling of a
     request whose decode cannot be aborted yet)."""
 
-    def __init__(self, pool: Pool, connection: Connection) -> None:
-        self._pool = pool
+    def __init__(self, connection: Connection) -> None:
         self._connection: Connection | None = connection
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -95,14 +94,14 @@ class Http1Body(httpx.AsyncByteStream):
         sees the disconnect and aborts)."""
         connection, self._connection = self._connection, None
         if connection is not None:
-            self._pool.release(connection)
+            connection.pool.release(connection)
 
 
 class Connection(asyncio.Protocol):
     """One keep-alive connection carrying one request at a time."""
 
     def __init__(self, pool: Pool) -> None:
-        self._pool = pool
+        self.pool = pool
         self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.idle_since = 0.0
@@ -177,7 +176,7 @@ class Connection(asyncio.Protocol):
                 if answer is not None and not answer.done():
                     # The server's idle close crossed the request on the wire: it never
                     # read it. Once more on a new connection, answering the same future.
-                    self._pool.resend(request, answer)
+                    self.pool.resend(request, answer)
             elif exc is None:
                 what = "server closed the connection without sending a response"
                 if self._in_body:
@@ -188,7 +187,7 @@ class Connection(asyncio.Protocol):
                 error.__cause__ = exc
                 self._fail(error)
         self._wake()
-        self._pool.forget(self)
+        self.pool.forget(self)
 
     # -- the request
 
@@ -324,7 +323,7 @@ class Connection(asyncio.Protocol):
         self.reusable = keep_alive
         self._complete = length == 0 and not self._chunked
         if self._answer is not None and not self._answer.done():
-            self._answer.set_result(Answer(status, headers, Http1Body(self._pool, self)))
+            self._answer.set_result(Answer(status, headers, Http1Body(self)))
 
     def _take_plain(self, data: bytes) -> None:
         if self._remaining >= 0:
