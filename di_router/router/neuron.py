@@ -322,13 +322,10 @@ class NeuronExchange(Exchange):
                         await task
 
     async def _prefill_finishes(self) -> bool:
-        """The prefill leg read on past the prefill timeout (bounded by the settler): True once
-        its engine produced (any event: vLLM sends none before the first token)."""
+        """The streamed prefill leg read on past the prefill timeout (bounded by the settler):
+        True once its engine produced (any event: vLLM sends none before the first token)."""
         try:
-            if self.spec.stream:
-                return await self.prefill.next_events() is not None
-            await self.prefill.json(self.spec.max_response_bytes)
-            return True
+            return await self.prefill.next_events() is not None
         except UpstreamError:
             return False
 
@@ -338,16 +335,17 @@ class NeuronExchange(Exchange):
         beside the first in the producer's `transferring` queue; on the 2.24 fork both check
         one `lookup_dict` entry, the first to see it pulled deletes it and the second's lookup
         raises (`free_transferred_seq_groups`), which ends the engine's loop."""
-        first = self.first
-        error = first.exception() if first.done() and not first.cancelled() else None
-        if not isinstance(error, UpstreamError):
-            return True
-        return not (error.never_arrived or error.rejected)
+        error = self._first_error()
+        return error is None or not (error.never_arrived or error.rejected)
 
     def _first_failure(self) -> str:
+        error = self._first_error()
+        return error.error_type if error is not None else "cancelled"
+
+    def _first_error(self) -> UpstreamError | None:
         first = self.first
         error = first.exception() if first.done() and not first.cancelled() else None
-        return error.error_type if isinstance(error, UpstreamError) else "cancelled"
+        return error if isinstance(error, UpstreamError) else None
 
 
 def release_content(prefill: Leg) -> bytes:
