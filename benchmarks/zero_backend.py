@@ -28,9 +28,9 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from di_router.sim.responses import ResponseHead, usage
 from di_router.wire.errors import error_body
 from di_router.wire.sse import DONE_EVENT, encode_event
+from di_router.wire.vllm_bodies import ResponseHead, usage
 
 MODEL = "llama-3.3-70b"
 DEFAULT_MAX_TOKENS = 16

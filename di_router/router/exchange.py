@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -24,14 +24,23 @@ if TYPE_CHECKING:
     from di_router.router.settle import Settler
 
 
+class LegOpener(Protocol):
+    def __call__(self, backend: Backend, content: bytes, held: bool = False) -> Leg:
+        """Start a request on a backend. A `held` leg may be kept past the client's deadline
+        (by the settler): its socket's silence is bounded by the settle timeout, and its
+        exchange enforces the client's deadline itself."""
+
+
 @dataclass(frozen=True)
 class ExchangeSpec:
     """Everything an exchange is built from; `open_leg` starts a request on a backend."""
 
     path: str
-    raw: bytes
-    """The client's body, as it came."""
     prefill_content: bytes
+    decode_content: bytes
+    """The client's body as it came, or as the protocol rewrote it to stream decode."""
+    decode_streamed: bool
+    """Decode answers with a stream: the client's, or one the exchange rebuilds an answer from."""
     stream: bool
     chat: bool
     choices: int
@@ -41,7 +50,7 @@ class ExchangeSpec:
     trace: RequestTrace
     prefill: Backend
     decode: Backend
-    open_leg: Callable[[Backend, bytes], Leg]
+    open_leg: LegOpener
     prefill_timeout: float
     decode_timeout: float
     max_response_bytes: int
@@ -99,6 +108,10 @@ class DIProtocol(Protocol):
 
     def prefill_body(self, body: dict[str, Any], view: RequestView) -> dict[str, Any]:
         """The body the prefill leg sends."""
+
+    def streamed_decode_body(self, body: dict[str, Any], chat: bool) -> dict[str, Any] | None:
+        """A non-streamed request: the body that asks decode for a stream instead, or None to
+        send decode the client's body."""
 
     def exchange(self, spec: ExchangeSpec) -> Exchange: ...
 

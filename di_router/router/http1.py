@@ -89,6 +89,11 @@ class Http1Body(httpx.AsyncByteStream):
         """Every byte of the body arrived: nothing more to wait for."""
         return self._connection is None or self._connection.complete
 
+    def set_silence(self, timeout: float) -> None:
+        """Bound each further silence of the server by `timeout` instead of the request's."""
+        if self._connection is not None:
+            self._connection.set_silence(timeout)
+
     async def aclose(self) -> None:
         """Back to the pool when fully received; otherwise the socket closes (the backend
         sees the disconnect and aborts)."""
@@ -216,6 +221,10 @@ class Connection(asyncio.Protocol):
         if len(body) >= 16384:
             self.transport.write(body)
         return answer
+
+    def set_silence(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._arm()
 
     def _on_answer_done(self, answer: asyncio.Future[Answer]) -> None:
         if answer.cancelled():

@@ -69,12 +69,12 @@ class Completion:
         assert task is not None
         try:
             try:
-                raw = await client.read_body(config.max_body_bytes, config.body_timeout_s)
+                held = [await client.read_body(config.max_body_bytes, config.body_timeout_s)]
             except BodyError as exc:
                 status, outcome = await self._reject(exc.status, exc.message), Outcome.CLIENT_ERROR
                 return
             client.watch_disconnect(task)
-            status, outcome = await self._serve(raw)
+            status, outcome = await self._serve(held)
         except ClientGone:
             status, outcome = 499, Outcome.CLIENT_DISCONNECT
         except UpstreamError as exc:
@@ -93,8 +93,11 @@ class Completion:
             self._hand_over_legs(status, outcome)
             await self._record(status, outcome)
 
-    async def _serve(self, raw: bytes) -> tuple[int, Outcome]:
+    async def _serve(self, held: list[bytes]) -> tuple[int, Outcome]:
+        """`held` hands over the only reference to the body, so that it can be let go of once
+        each leg has its own bytes."""
         service, trace = self.service, self.trace
+        raw = held.pop()
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -115,21 +118,29 @@ class Completion:
         problem = service.protocol.unsupported(view, self.chat)
         if problem is not None:
             return await self._reject(400, problem[1], problem[0]), Outcome.CLIENT_ERROR
+        protocol = service.protocol
         try:
-            prefill_content = orjson.dumps(service.protocol.prefill_body(body, view))
+            prefill_content = orjson.dumps(protocol.prefill_body(body, view))
+            streamed = None if view.streaming else protocol.streamed_decode_body(body, self.chat)
+            decode_content = raw if streamed is None else orjson.dumps(streamed)
         except orjson.JSONEncodeError:  # nesting deeper than the encoder allows
             return await self._reject(400, "The request body is nested too deeply."), (
                 Outcome.CLIENT_ERROR
             )
-        del body  # held once: from here on only the bytes each leg sends
-        exchange = await self._dispatch(raw, prefill_content, view.prompt_count)
+        decode_streamed = view.streaming or streamed is not None
+        del body, raw, streamed  # held once: from here on only the bytes each leg sends
+        exchange = await self._dispatch(
+            prefill_content, decode_content, decode_streamed, view.prompt_count
+        )
         if trace.stream:
             return await self._stream(exchange)
         body = await exchange.answer()
         await self.client.respond(200, orjson.dumps(body), self._id_header())
         return 200, Outcome.OK
 
-    async def _dispatch(self, raw: bytes, prefill_content: bytes, choices: int) -> Exchange:
+    async def _dispatch(
+        self, prefill_content: bytes, decode_content: bytes, decode_streamed: bool, choices: int
+    ) -> Exchange:
         """An exchange up to its first token. One whose backends could not even be connected
         to is settled, and the request goes to another pair under a new id: nothing was sent."""
         service, trace = self.service, self.trace
@@ -145,8 +156,9 @@ class Completion:
             self.exchange = exchange = service.protocol.exchange(
                 ExchangeSpec(
                     path=path,
-                    raw=raw,
                     prefill_content=prefill_content,
+                    decode_content=decode_content,
+                    decode_streamed=decode_streamed,
                     stream=trace.stream,
                     chat=self.chat,
                     choices=choices,

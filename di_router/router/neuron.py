@@ -6,8 +6,11 @@ as its own first output before continuing (`relay.StreamMerger` merges the two).
 
 On these servers a cut leg can hold a slot for good: a decode request waiting for its KV sits
 in the scheduler's `transferring` queue, which abort never scans, and its KV lookup retries
-without end; a finished prefill keeps its KV, and its slot, until a decode pulls it. So an
-exchange that did not end cleanly is settled by three rules:
+without end; a finished prefill keeps its KV, and its slot, until a decode pulls it. So decode
+is always read as a stream where its answer can be rebuilt exactly (`answer_from_stream.py`):
+vLLM sends a stream's headers before it adds the request to its engine, and its first event
+once the KV wait is over, so the router knows where decode is. An exchange that did not end
+cleanly is settled by three rules:
 1. Prefill is never cancelled before its first token: its reader is a task of its own that
    runs to the end (bounded by the prefill timeout), whoever ends the request.
 2. A decode that may be waiting for KV (sent, not refused, not yet emitted) needs prefill's
@@ -17,10 +20,12 @@ exchange that did not end cleanly is settled by three rules:
    an entry made before. Only then, or at once if prefill never arrived or was refused, is the
    same prefill request sent again to the same server ("rescue"): a second request under an id
    whose entry is still unpulled ends a 2.24 producer's engine (see `_prefill_may_have_run`).
-   Then decode is read until it emits (it is past `transferring`, so closing it aborts it).
-3. A decode that never took the request (refused, rejected) or ended before it emitted will
-   not pull prefill's entry: if prefill produced one, the router pulls it itself with a
-   one-token decode request under the same id ("release").
+   Then decode is held until it emits (it is past `transferring`, so closing it aborts it),
+   however long past its client's deadline: a silent decode past its headers may be queued
+   for a slot (it will pull) or stalled past its pull (a release would wait for good).
+3. A decode that never took the request (refused, rejected, or a stream still without headers
+   at the decode timeout) will not pull prefill's entry: if prefill produced one, the router
+   pulls it itself with a one-token decode request under the same id ("release").
 """
 
 from __future__ import annotations
@@ -34,6 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from di_router.router.answer_from_stream import (
+    STREAMED_DECODE_OPTIONS,
+    AnswerFromStream,
+    streamable,
+)
 from di_router.router.exchange import Exchange, ExchangeSpec, first_token_body
 from di_router.router.relay import StreamMerger
 from di_router.router.request_view import RequestView, di_unsupported
@@ -65,6 +75,13 @@ class NeuronFirstToken:
             prefill["stream_options"] = {"include_usage": True}
         return prefill
 
+    def streamed_decode_body(self, body: dict[str, Any], chat: bool) -> dict[str, Any] | None:
+        """Decode is read as a stream whenever its answer can be rebuilt exactly: only a stream
+        tells whether decode took the request (rule 3) and left its KV wait."""
+        if not streamable(body, chat):
+            return None
+        return {**body, "stream": True, "stream_options": STREAMED_DECODE_OPTIONS}
+
     def exchange(self, spec: ExchangeSpec) -> NeuronExchange:
         return NeuronExchange(spec)
 
@@ -77,11 +94,15 @@ class NeuronExchange(Exchange):
             self.merger = StreamMerger(
                 spec.trace, spec.client_id, spec.created, spec.chat, spec.choices
             )
-        # Both legs leave now: decode must hold the request to reserve its slot early.
+        # Both legs leave now: decode must hold the request to reserve its slot early. Decode
+        # may be kept past the client's deadline (rule 2): the exchange bounds the client's
+        # wait for its first event itself.
         self.prefill = spec.open_leg(spec.prefill, spec.prefill_content)
-        self.decode = spec.open_leg(spec.decode, spec.raw)
+        self.decode = spec.open_leg(spec.decode, spec.decode_content, held=True)
         self.legs = (self.prefill, self.decode)
-        self.first: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._decode_deadline = loop.time() + spec.decode_timeout
+        self.first: asyncio.Future[Any] = loop.create_future()
         """Stream: the client's first events (bytes). Not streamed: prefill's answer (dict)."""
         self._gate: asyncio.Future[None] | None = None
         self.decode.dispatched.add_done_callback(self._open_gate)
@@ -125,12 +146,34 @@ class NeuronExchange(Exchange):
         assert merger is not None
         # The first token goes out as soon as prefill has it, whatever decode is doing.
         yield self.first.result()
-        while (batch := await self.decode.next_events()) is not None:
+        batch = await self._first_decode_events()
+        while batch is not None:
             if len(batch) == 1:  # one event per read is the common case
                 if events := merger.decode(batch[0]):
                     yield events
             elif events := b"".join([merger.decode(data) for data in batch]):
                 yield events
+            batch = await self.decode.next_events()
+
+    async def _first_decode_events(self) -> list[bytes] | None:
+        """Decode's first events within the decode timeout of the request; from then on its
+        socket's silence is bounded by that timeout too (a decode that emitted is past
+        `transferring`, so a cut aborts it)."""
+        decode = self.decode
+        try:
+            async with asyncio.timeout_at(self._decode_deadline):
+                batch = await decode.next_events()
+        except TimeoutError:
+            raise self._decode_timed_out("sent no token") from None
+        decode.set_silence(self.spec.decode_timeout)
+        return batch
+
+    def _decode_timed_out(self, what: str) -> UpstreamError:
+        timeout = self.spec.decode_timeout
+        return UpstreamError.make(
+            "decode", 504, "timeout", f"decode server {what} within {timeout:g}s",
+            self.decode.backend.url,
+        )  # fmt: skip
 
     async def answer(self) -> dict[str, Any]:
         spec, trace = self.spec, self.spec.trace
@@ -138,13 +181,12 @@ class NeuronExchange(Exchange):
         trace.prefill_done = time.perf_counter()
         try:
             async with asyncio.timeout(spec.decode_timeout):
-                body = await self.decode.json(spec.max_response_bytes)
+                if spec.decode_streamed:
+                    body = await self._answer_from_stream()
+                else:
+                    body = await self.decode.json(spec.max_response_bytes)
         except TimeoutError:
-            raise UpstreamError.make(
-                "decode", 504, "timeout",
-                f"decode server did not answer within {spec.decode_timeout:g}s",
-                self.decode.backend.url,
-            ) from None  # fmt: skip
+            raise self._decode_timed_out("did not answer") from None
         body["id"] = spec.client_id
         body["created"] = spec.created
         usage = body.get("usage") or prefill_answer.get("usage") or {}
@@ -154,6 +196,32 @@ class NeuronExchange(Exchange):
             if isinstance(usage.get("completion_tokens"), int):
                 trace.completion_tokens = usage["completion_tokens"]
         return body
+
+    async def _answer_from_stream(self) -> dict[str, Any]:
+        spec = self.spec
+        answer = AnswerFromStream(spec.chat)
+        size = 0
+        while (batch := await self.decode.next_events()) is not None:
+            for data in batch:
+                size += len(data)
+                if size > spec.max_response_bytes:
+                    raise UpstreamError.make(
+                        "decode", 502, "too_large",
+                        f"decode server answer is larger than {spec.max_response_bytes} B",
+                        self.decode.backend.url,
+                    )  # fmt: skip
+                try:
+                    answer.feed(data)
+                except UpstreamError as exc:
+                    if exc.error_type != "stream_error":
+                        raise
+                    # vLLM gives every error inside a stream code 400; the same failure of a
+                    # whole answer is its server's (a 500): the client gets the 502 it would.
+                    raise UpstreamError.make(
+                        "decode", 502, "stream_error",
+                        f"decode server failed mid-answer: {exc.message}",
+                    ) from None  # fmt: skip
+        return answer.body(spec.client_id, spec.created)
 
     async def _read_prefill(self) -> None:
         spec = self.spec
@@ -222,13 +290,10 @@ class NeuronExchange(Exchange):
     async def _settle(self, settler: Settler) -> None:
         await asyncio.wait((self.prefill_reader,))  # rule 1: prefill runs to its end
         decode = self.decode
-        if decode.dispatched.done():
-            with contextlib.suppress(UpstreamError):
-                await decode.response()  # a refusal or rejection shows now
+        failed = await self._decode_admission()
         if decode.progress >= Progress.EMITTED:
             return  # past `transferring`: closing it aborts it
         produced = self.produced
-        failed = decode.error
         if failed is None or not (failed.never_arrived or failed.rejected):
             # Rule 2: decode may be waiting for KV (accepted, or broken before emitting).
             with settler.orphan():
@@ -263,16 +328,13 @@ class NeuronExchange(Exchange):
                 elif not self.produced:
                     return  # its KV is on the way; nothing more can be known of it
         # Rule 3: decode ended before emitting. A KV entry made for it is stranded when decode
-        # never took the request, or a stream stayed silent for its whole timeout (a decode
-        # that pulls emits at once: a silent one was queued): abort it and pull the entry. A
-        # connection that broke tells nothing (decode may have pulled and emitted the bytes
-        # that were lost), nor does a silent non-streamed decode (it may be running a long
-        # answer): a release then would wait in `transferring` for good, so leave it.
+        # never took the request: pull the entry. A connection that broke tells nothing
+        # (decode may have pulled and emitted the bytes that were lost): a release then would
+        # wait in `transferring` for good, so leave it.
         assert failed is not None
         if not produced:
             return
-        silent = failed.error_type == "timeout" and self.spec.stream
-        if failed.never_arrived or failed.rejected or silent:
+        if failed.never_arrived or failed.rejected:
             await decode.aclose()
             await settler.release(release_content(self.prefill), decode, self.prefill.backend)
         else:
@@ -281,10 +343,33 @@ class NeuronExchange(Exchange):
                 decode.headers.get("X-Request-Id"), failed.error_type,
             )  # fmt: skip
 
+    async def _decode_admission(self) -> UpstreamError | None:
+        """Decode's failure to take the request, if it failed. vLLM sends a stream's headers
+        before it adds the request to its engine, so a streamed decode without them at its
+        deadline never reached the engine (it is closed: it never will) and counts as never
+        arrived. A non-streamed decode sends its headers with the whole answer: nothing is
+        known of it before."""
+        decode = self.decode
+        try:
+            if self.spec.decode_streamed and decode.progress is Progress.SENT:
+                try:
+                    async with asyncio.timeout_at(self._decode_deadline):
+                        await decode.response()
+                except TimeoutError:
+                    await decode.aclose()
+                    return UpstreamError.make(
+                        "decode", 504, "not_admitted", "decode server sent no headers"
+                    )
+            elif decode.dispatched.done():
+                await decode.response()  # a refusal or rejection shows now
+        except UpstreamError as exc:
+            return exc
+        return decode.error
+
     async def _until_emitted(self) -> None:
         """A streamed decode's first event, or a non-streamed decode's headers (vLLM sends them
         with the whole answer): either way the request has left `transferring`."""
-        if self.spec.stream:
+        if self.spec.decode_streamed:
             await self.decode.next_events()
         else:
             await self.decode.response()

@@ -47,6 +47,9 @@ class NixlProtocol:
         prefill["kv_transfer_params"] = REMOTE_DECODE
         return prefill
 
+    def streamed_decode_body(self, body: dict[str, Any], chat: bool) -> None:
+        return None  # aborts work on both sides: decode's own answer serves as it is
+
     def exchange(self, spec: ExchangeSpec) -> NixlExchange:
         return NixlExchange(spec)
 
@@ -86,7 +89,7 @@ class NixlExchange(Exchange):
                 "prefill server answered without kv_transfer_params (is it a NIXL producer?)",
             )  # fmt: skip
         spec.trace.prefill_done = time.perf_counter()
-        body = orjson.loads(spec.raw)
+        body = orjson.loads(spec.decode_content)
         if params is not None:
             body["kv_transfer_params"] = params
         self.decode = spec.open_leg(spec.decode, orjson.dumps(body))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 
 import orjson
 
@@ -15,7 +15,7 @@ from di_router.router.admission import Admission, Overloaded
 from di_router.router.backends import Backend, Selection, make_pool
 from di_router.router.client import Client, Receive, Scope, Send
 from di_router.router.config import RouterConfig
-from di_router.router.exchange import DIProtocol
+from di_router.router.exchange import DIProtocol, LegOpener
 from di_router.router.health import HealthMonitor
 from di_router.router.lifecycle import SHUTDOWN, Completion
 from di_router.router.metrics import UNKNOWN_MODEL, RouterMetrics
@@ -98,11 +98,12 @@ class RouterService:
 
     def leg_opener(
         self, client: Client, hex_id: str, path: str, stream: bool, pair: tuple[Backend, Backend]
-    ) -> Callable[[Backend, bytes], Leg]:
+    ) -> LegOpener:
         """Starts one request's legs. A leg's socket may stay silent for its role's bound; a
-        non-streamed decode sends nothing before its whole answer, and a prefill that missed
-        its timeout is read on (not aborted: see `neuron.py`), so their sockets wait as long as
-        settling may (the client's own deadlines are enforced by the exchange).
+        non-streamed decode sends nothing before its whole answer, a prefill that missed its
+        timeout is read on (not aborted: see `neuron.py`), and a held leg may be kept past the
+        client's deadline, so their sockets wait as long as settling may (the client's own
+        deadlines are enforced by the exchange).
 
         With discovery (Neuron 2.26), servers are not paired at startup: each leg's id names
         its peer, `cmpl-<hex>_<peer host>:<peer port>`, so that decode knows whom to pull from.
@@ -116,14 +117,15 @@ class RouterService:
         prefill, decode = pair
         peer = {prefill.role: decode, decode.role: prefill}
 
-        def open_leg(backend: Backend, content: bytes) -> Leg:
+        def open_leg(backend: Backend, content: bytes, held: bool = False) -> Leg:
             leg_headers = headers
             if self.registry is not None:
                 address = peer[backend.role].url.split("://", 1)[-1]
                 leg_headers = {**headers, "X-Request-Id": f"cmpl-{hex_id}_{address}"}
             return Leg(
                 backend, path, content, leg_headers,
-                silence[backend.role], config.max_event_bytes,
+                config.settle_timeout_s if held else silence[backend.role],
+                config.max_event_bytes,
             )  # fmt: skip
 
         return open_leg

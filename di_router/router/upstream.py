@@ -61,12 +61,14 @@ class UpstreamError(Exception):
 
     @property
     def never_arrived(self) -> bool:
-        """The request never reached the backend (no connection)."""
+        """The request never reached the backend's engine: no connection, or (found by the
+        exchange) a stream that got no headers, which vLLM sends before it adds the request."""
         return self.error_type in (
             "connect_error",
             "connect_timeout",
             "no_descriptors",
             "tls_error",
+            "not_admitted",
         )
 
 
@@ -250,6 +252,12 @@ class Leg:
                 return batch or None
             self.progress = Progress.EMITTED
             return batch
+
+    def set_silence(self, timeout: float) -> None:
+        """From now on, a silence of the server longer than `timeout` fails the leg (a leg
+        opened with a longer bound: see `neuron.py`). Only once its answer's headers are in."""
+        if self._answer is not None and isinstance(self._answer.body, Http1Body):
+            self._answer.body.set_silence(timeout)
 
     async def _drain_tail(self) -> None:
         """Read what follows `[DONE]` (the chunked terminator), so the connection is reused."""

@@ -18,13 +18,13 @@ from quart import Response, request
 from di_router.sim.engine import Engine
 from di_router.sim.protocol import CompletionRequest, ParsedRequest, RequestError, parse_request
 from di_router.sim.remote_kv import KVPlan
-from di_router.sim.responses import ResponseHead, usage
 from di_router.sim.sequence import Sequence, SequenceError
 from di_router.sim.server import SimServer
 from di_router.sim.tokenizer import prompt_key
 from di_router.wire.errors import error_body
 from di_router.wire.responses import json_response
 from di_router.wire.sse import DONE_EVENT, SSE_CONTENT_TYPE, encode_event
+from di_router.wire.vllm_bodies import ResponseHead, usage
 
 
 def error_response(status: int, message: str) -> Response:

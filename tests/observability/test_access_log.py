@@ -106,7 +106,7 @@ def check_records(records: list[dict[str, Any]], seen: dict[str, Any]) -> None:
     fail = by_client[CLIENT_FAIL]
     assert fail["router_id"] == seen["fail_id"]
     assert (str(fail["status"]), fail["outcome"]) == ("502", "upstream_error")
-    assert fail["error"] == "decode:http_500"
+    assert fail["error"] == "decode:stream_error"  # decode is read as a stream
     assert float(fail["total_ms"]) >= 800  # decode's KV wait
     assert fail["ttft_ms"] is None and fail["handoff_ms"] is None
 

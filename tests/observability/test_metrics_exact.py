@@ -119,8 +119,8 @@ def test_known_mix_gives_exact_metrics(stack):
     assert r.status_code == 400, r.text
     router_ids.append(r.headers["X-Request-Id"])
 
-    # Upstream failure: prefill is slower than decode's KV wait, so decode answers 500, which
-    # the router reports as a bad gateway (502).
+    # Upstream failure: prefill is slower than decode's KV wait, so decode fails (an error
+    # event in its stream, a 500 for a whole answer), which the router reports as a 502.
     r = httpx.post(
         url + PATHS["completions"],
         json=completion(LONG_PROMPT),
@@ -156,7 +156,9 @@ def test_known_mix_gives_exact_metrics(stack):
 
     assert count("e2e_request_latency_seconds") == 9  # every request, however it ended
     assert count("time_to_first_token_seconds") == 3  # tokens were sent on 3 streams only
-    assert count("prefill_latency_seconds") == 5  # prefill finished for the 5 successes only
+    # Prefill finished for the 5 successes and for the 502: decode, read as a stream, tells its
+    # failure in an event after its headers, which the router reads after prefill's token.
+    assert count("prefill_latency_seconds") == 6
     assert count("kv_handoff_seconds") == 3  # decode's first token, on the 3 streams
     assert count("inter_token_latency_seconds") == itl_gaps == 3 * (MAX_TOKENS - 1)
     for name in (
@@ -180,7 +182,7 @@ def test_known_mix_gives_exact_metrics(stack):
 
     # Only the 5xx is an upstream error; the backend's 400 is the client's fault.
     assert by_label(text, "di_router_upstream_errors_total", "role", "error_type") == {
-        ("decode", "http_500"): 1.0
+        ("decode", "stream_error"): 1.0  # a non-streamed answer: decode is read as a stream
     }
     assert value(text, "di_router_client_disconnects_total") == 1
     assert by_label(text, "di_router_backend_up", "role") == {("prefill",): 1.0, ("decode",): 1.0}

@@ -10,6 +10,7 @@ import itertools
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.eos_prompts import eos_first_prompt
@@ -84,7 +85,10 @@ def _outcome(response: httpx.Response, chat: bool, stream: bool) -> dict[str, An
     assert body["id"].startswith("chatcmpl-" if chat else "cmpl-")
     text = {c["index"]: c["message"]["content"] if chat else c["text"] for c in body["choices"]}
     finish = {c["index"]: c["finish_reason"] for c in body["choices"]}
-    return {"text": text, "finish": finish, "usage": body["usage"]}
+    # The whole body too, field for field and in order (the router rebuilds it from decode's
+    # stream): only the id and `created` are the router's own.
+    rest = orjson.dumps({k: v for k, v in body.items() if k not in ("id", "created")})
+    return {"text": text, "finish": finish, "usage": body["usage"], "body": rest}
 
 
 def _compare(stack, client, body: dict[str, Any], chat: bool) -> dict[str, Any]:

@@ -71,25 +71,34 @@ def usage_chunk(
 
 
 def answer(chat: bool, rid: str, text: str, prompt: int = 3) -> dict[str, Any]:
-    """A whole non-streamed answer."""
+    """A whole non-streamed answer: vLLM 0.7.2's `model_dump()`, every field in its order."""
     completion = len(text)
-    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
+    choice: dict[str, Any] = {"index": 0}
     if chat:
-        choice["message"] = {"role": "assistant", "content": text}
+        choice["message"] = {
+            "role": "assistant", "reasoning_content": None, "content": text, "tool_calls": []
+        }  # fmt: skip
     else:
         choice["text"] = text
-    return {
+    choice |= {"logprobs": None, "finish_reason": "length", "stop_reason": None}
+    if not chat:
+        choice["prompt_logprobs"] = None
+    body = {
         "id": rid,
         "object": "chat.completion" if chat else "text_completion",
         "created": CREATED,
         "model": MODEL,
-        "choices": [{**choice, "stop_reason": None}],
+        "choices": [choice],
         "usage": {
             "prompt_tokens": prompt,
-            "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "completion_tokens": completion,
+            "prompt_tokens_details": None,
         },
     }
+    if chat:
+        body["prompt_logprobs"] = None
+    return body
 
 
 def data(chunk: dict[str, Any]) -> bytes:

@@ -123,7 +123,86 @@ async def test_whole_answer_is_decodes_under_the_clients_id(
     assert got == {**expected, "created": got["created"]}
     assert got["created"] != expected["created"]  # the router's clock, one value per request
     assert router.prefill.calls[0].body["max_tokens"] == 1
+    # Decode is read as a stream (it tells when decode took the request and left its KV wait);
+    # the answer is rebuilt from it, field for field as vLLM sends it whole.
+    assert decode.body == {**request(chat, False), "stream": True,
+                           "stream_options": {"include_usage": True}}  # fmt: skip
+    assert list(got) == list(expected)
+    assert list(got["choices"][0]) == list(expected["choices"][0])
     await router.settled()
+
+
+@pytest.mark.parametrize(
+    ("chat", "fields"),
+    [
+        (False, {"logprobs": 2}),
+        (True, {"logprobs": True, "top_logprobs": 2}),
+        (True, {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        (False, {"stream_options": {"include_usage": True}}),
+        (False, {"echo": True}),
+    ],
+    ids=["logprobs", "chat-logprobs", "tools", "stream_options", "echo"],
+)
+async def test_whole_answer_keeps_the_clients_body_where_a_stream_would_differ(
+    chat: bool, fields: dict[str, Any], make_router: Callable[..., Router]
+) -> None:
+    """Logprobs' offsets and tool calls differ between vLLM's two forms, a completions echo
+    fails as a stream, and `stream_options` without `stream` is vLLM's 400 to give: decode
+    gets the client's body as it came."""
+    router = make_router((good_prefill(), good_decode()))
+    body = request(chat, False, **fields)
+    client = await router.post(path_of(chat), body)
+    assert client.status == 200
+    assert router.decode.calls[0].request.content == orjson.dumps(body)
+    await router.settled()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_decode_without_headers_at_its_deadline_is_closed_and_prefills_kv_released(
+    stream: bool, make_router: Callable[..., Router]
+) -> None:
+    """vLLM sends a stream's headers before it adds the request to its engine: a decode
+    without them at the decode timeout never took the request, so prefill's entry is
+    stranded: the router closes decode and pulls the entry itself."""
+    never = asyncio.Event()
+
+    async def decode(call: Call) -> httpx.Response:
+        if call.number == 0:
+            await never.wait()  # too busy to read the request
+        return respond(call, 200, answer(call.chat, call.client_id, "A"))
+
+    router = make_router((good_prefill(), decode), decode_timeout_s=0.3)
+    client = await router.post("/v1/completions", request(False, stream))
+    if stream:
+        assert client.status == 200
+        assert b"decode server sent no token within 0.3s" in client.body
+    else:
+        assert client.status == 504
+        assert "decode server did not answer within 0.3s" in client.json()["message"]
+    release = await router.decode.call(1)
+    assert release.request_id == router.prefill.calls[0].request_id
+    assert release.body["max_tokens"] == 1 and release.body["stream"] is False
+    await router.settled()
+    assert router.metric("di_router_kv_releases_total", outcome="released") == 1
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_decode_silent_past_its_headers_is_held_until_it_emits_never_released(
+    stream: bool, make_router: Callable[..., Router]
+) -> None:
+    """A decode that sent its headers is in its engine: queued for a slot (it will pull and
+    emit), or past its pull and stalled. A release would wait in `transferring` for good in
+    the second case, so decode is held (open) until it emits, then closed (aborted)."""
+    kv = asyncio.Event()
+    router = make_router((good_prefill(), good_decode(kv=kv)), decode_timeout_s=0.3)
+    client = await router.post("/v1/completions", request(False, stream))
+    assert client.status == (200 if stream else 504)
+    await until(lambda: router.metric("di_router_orphaned_decodes") == 1, "decode held")
+    assert router.decode.bodies[0].closes == 0
+    kv.set()
+    await router.settled()
+    assert len(router.decode.calls) == 1
+    assert router.metric("di_router_kv_releases_total", outcome="released") == 0
 
 
 async def test_bad_input_is_an_openai_error_and_reaches_no_backend(

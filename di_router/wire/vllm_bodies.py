@@ -1,4 +1,5 @@
-"""Response bodies and stream chunks with vLLM 0.7.2's exact keys."""
+"""Response bodies and stream chunks with vLLM 0.7.2's exact keys: the simulator sends them,
+the router rebuilds a whole answer from a stream with them."""
 
 from __future__ import annotations
 
@@ -64,12 +65,18 @@ class ResponseHead:
         }
 
     def final_choice(
-        self, index: int, text: str, finish_reason: str | None, stop_reason: str | int | None
+        self,
+        index: int,
+        text: str,
+        finish_reason: str | None,
+        stop_reason: str | int | None,
+        reasoning: str | None = None,
+        role: str = "assistant",
     ) -> dict[str, Any]:
         if self.chat:
             message: dict[str, Any] = {
-                "role": "assistant",
-                "reasoning_content": None,
+                "role": role,
+                "reasoning_content": reasoning,
                 "content": text,
                 "tool_calls": [],
             }
