@@ -10,8 +10,9 @@ KV wait is over.
 The body is vLLM 0.7.2's `CompletionResponse` / `ChatCompletionResponse` (`model_dump()`, so
 every field, nulls included, in their order): choices in index order with their text
 concatenated and the last chunk's `finish_reason` and `stop_reason`; usage from the stream's
-usage chunk (which has no `prompt_tokens_details`). Requests whose streamed form is not a plain
-concatenation (logprobs, tool calls) keep a non-streamed decode (`streamable`).
+usage chunk (which has no `prompt_tokens_details`), asked for with `stream_options`. Requests
+whose streamed form is not a plain concatenation (logprobs, tool calls) keep a non-streamed
+decode (`streamable`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from di_router.router.relay import parse_chunk
-from di_router.router.upstream import UpstreamError
 from di_router.wire.vllm_bodies import ResponseHead
 from di_router.wire.vllm_bodies import usage as vllm_usage
 
@@ -60,6 +60,7 @@ class AnswerFromStream:
         self._chat = chat
         self._choices: dict[int, _Choice] = {}
         self._model = ""
+        self._tokens = 0
         self.usage: dict[str, Any] | None = None
 
     def feed(self, data: bytes) -> None:
@@ -77,25 +78,30 @@ class AnswerFromStream:
                 delta = raw.get("delta") or {}
                 if isinstance(role := delta.get("role"), str):
                     choice.role = role
+                else:
+                    self._tokens += 1
                 if isinstance(text := delta.get("content"), str):
                     choice.text.append(text)
                 if isinstance(reasoning := delta.get("reasoning_content"), str):
                     choice.reasoning = [*(choice.reasoning or []), reasoning]
-            elif isinstance(text := raw.get("text"), str):
-                choice.text.append(text)
+            else:
+                self._tokens += 1
+                if isinstance(text := raw.get("text"), str):
+                    choice.text.append(text)
             if raw.get("finish_reason") is not None:
                 choice.finish_reason = raw["finish_reason"]
                 choice.stop_reason = raw.get("stop_reason")
 
-    def body(self, answer_id: str, created: int) -> dict[str, Any]:
+    def body(self, answer_id: str, created: int, prompt_tokens: int) -> dict[str, Any]:
+        """`prompt_tokens` (prefill's count) serves when decode sent no usage chunk (a server
+        that ignores `stream_options`); its tokens are then counted as on a stream, one per
+        chunk."""
         head = ResponseHead(answer_id, created, self._model, self._chat)
         choices = [self._final(head, index, c) for index, c in sorted(self._choices.items())]
         usage = self.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not (isinstance(prompt, int) and isinstance(completion, int)):
-            raise UpstreamError.make(
-                "decode", 502, "bad_response", "decode server's stream ended without its usage"
-            )
+            prompt, completion = prompt_tokens, self._tokens
         return head.response(choices, vllm_usage(prompt, completion))
 
     @staticmethod

@@ -182,7 +182,7 @@ class NeuronExchange(Exchange):
         try:
             async with asyncio.timeout(spec.decode_timeout):
                 if spec.decode_streamed:
-                    body = await self._answer_from_stream()
+                    body = await self._answer_from_stream(prefill_answer)
                 else:
                     body = await self.decode.json(spec.max_response_bytes)
         except TimeoutError:
@@ -197,7 +197,7 @@ class NeuronExchange(Exchange):
                 trace.completion_tokens = usage["completion_tokens"]
         return body
 
-    async def _answer_from_stream(self) -> dict[str, Any]:
+    async def _answer_from_stream(self, prefill_answer: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec
         answer = AnswerFromStream(spec.chat)
         size = 0
@@ -221,7 +221,8 @@ class NeuronExchange(Exchange):
                         "decode", 502, "stream_error",
                         f"decode server failed mid-answer: {exc.message}",
                     ) from None  # fmt: skip
-        return answer.body(spec.client_id, spec.created)
+        prompt = (prefill_answer.get("usage") or {}).get("prompt_tokens")
+        return answer.body(spec.client_id, spec.created, prompt if isinstance(prompt, int) else 0)
 
     async def _read_prefill(self) -> None:
         spec = self.spec

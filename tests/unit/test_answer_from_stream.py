@@ -8,7 +8,6 @@ import orjson
 import pytest
 
 from di_router.router.answer_from_stream import AnswerFromStream, streamable
-from di_router.router.upstream import UpstreamError
 from tests.unit.chunks import chat_chunk, completion_chunk, usage_chunk
 
 
@@ -16,7 +15,7 @@ def rebuilt(chat: bool, *chunks: dict[str, Any]) -> dict[str, Any]:
     answer = AnswerFromStream(chat)
     for chunk in chunks:
         answer.feed(orjson.dumps(chunk))
-    return answer.body("cmpl-x", 7)
+    return answer.body("cmpl-x", 7, prompt_tokens=5)
 
 
 def test_a_prompt_list_keeps_each_choice_with_its_own_end() -> None:
@@ -67,10 +66,15 @@ def test_chat_keeps_role_reasoning_and_stop_reason() -> None:
     })  # fmt: skip
 
 
-def test_a_stream_without_usage_is_a_bad_response() -> None:
-    with pytest.raises(UpstreamError) as caught:
-        rebuilt(False, completion_chunk("r", 0, "A", "length"))
-    assert (caught.value.status, caught.value.error_type) == (502, "bad_response")
+def test_without_a_usage_chunk_tokens_are_counted_and_the_prompt_is_prefills() -> None:
+    body = rebuilt(
+        True,
+        chat_chunk("r", 0, {"role": "assistant", "content": ""}),
+        chat_chunk("r", 0, {"content": "a"}),
+        chat_chunk("r", 0, {"content": "b"}, "length"),
+    )
+    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 7, "completion_tokens": 2,
+                             "prompt_tokens_details": None}  # fmt: skip
 
 
 @pytest.mark.parametrize(
