@@ -37,7 +37,7 @@ CLEAN_AFTER = 4
 """Draws after the faulted one that must be clean (the rescues and releases it causes)."""
 PREFILL_TIMEOUT_S, DECODE_TIMEOUT_S = 1.5, 3.0
 """Decode waits for prefill's KV in silence: its timeout must outlast prefill's (as by default)."""
-SETTLE_TIMEOUT_S = 10.0
+SETTLE_TIMEOUT_S = 5.0
 """Bounds the hold of a decode stalled past its headers (it is in its engine: held until it
 emits, then closed) and the rescues of a crashed prefill."""
 ROUTER = (
