@@ -87,14 +87,9 @@ class ResponseHead:
                 "finish_reason": finish_reason,
                 "stop_reason": stop_reason,
             }
-        return {
-            "index": index,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish_reason,
-            "stop_reason": stop_reason,
-            "prompt_logprobs": None,
-        }
+        # A whole completion's choice is its stream chunk's, plus `prompt_logprobs`.
+        choice = self.token_choice(index, text, finish_reason, stop_reason)
+        return {**choice, "prompt_logprobs": None}
 
     def response(self, choices: list[dict[str, Any]], usage: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {
