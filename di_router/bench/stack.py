@@ -29,6 +29,9 @@ MODEL = "llama-3.3-70b"
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
+_SECOND_SIGNAL_AFTER_S = 0.1
+"""A process still running this long after a signal has taken it: another one counts as a
+second."""
 
 
 class StackError(RuntimeError):
@@ -118,12 +121,23 @@ class Server:
         wait_ready([self], path, timeout)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S) -> int:
-        """Signal the process group (SIGTERM: graceful), SIGKILL if it does not exit in time."""
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout_s: float = STOP_TIMEOUT_S, now: bool = False
+    ) -> int:
+        """Signal the process group (SIGTERM: graceful), SIGKILL if it does not exit in time.
+        `now` signals again if it has not exited a moment later (two signals sent together
+        arrive as one), as an operator's second Ctrl-C: the router then ends what it was still
+        draining or settling at once."""
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
             try:
+                if now:
+                    try:
+                        self.popen.wait(_SECOND_SIGNAL_AFTER_S)
+                    except subprocess.TimeoutExpired:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(self.popen.pid, sig)
                 self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):

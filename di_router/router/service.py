@@ -26,6 +26,7 @@ from di_router.router.registry import Registry
 from di_router.router.settle import Settler
 from di_router.router.trace import RequestTrace
 from di_router.router.upstream import Leg, UpstreamError
+from di_router.router.waiting import until_done
 from di_router.wire.errors import error_body
 
 log = logging.getLogger("di_router.router")
@@ -64,6 +65,8 @@ class RouterService:
         self.draining = False
         self._active: set[asyncio.Task[object]] = set()
         self._drain_task: asyncio.Task[None] | None = None
+        self._now = asyncio.Event()
+        """Set by a second SIGTERM/SIGINT: end what is left at once."""
 
     # -- serving ---------------------------------------------------------------------------------
     async def serve_completion(
@@ -172,16 +175,23 @@ class RouterService:
         self.health.start()
 
     def begin_drain(self) -> None:
-        """SIGTERM/SIGINT: not ready any more; requests in flight get the drain timeout."""
+        """SIGTERM/SIGINT: not ready any more; requests in flight get the drain timeout. A
+        second signal (Ctrl-C again) ends the requests and the settlements left at once."""
         if self._drain_task is None:
             self.draining = True
             self._drain_task = asyncio.ensure_future(self._drain())
+        elif not self._now.is_set():
+            log.warning(
+                "second signal: ending %d requests and %d settlements now (on Neuron a decode "
+                "slot may stay held)", len(self._active), self.settler.running,
+            )  # fmt: skip
+            self._now.set()
 
     async def _drain(self) -> None:
         active = set(self._active)
         if active:
             log.info("draining %d requests (up to %gs)", len(active), self.config.drain_timeout_s)
-            await asyncio.wait(active, timeout=self.config.drain_timeout_s)
+            await until_done(active, self.config.drain_timeout_s, self._now)
         for task in self._active:
             task.cancel(SHUTDOWN)
 
@@ -191,6 +201,6 @@ class RouterService:
         if self.registry is not None:
             await self.registry.stop()
         await self.health.stop()
-        await self.settler.wait(_SETTLE_ON_STOP_S)
+        await self.settler.wait(_SETTLE_ON_STOP_S, self._now)
         await self.prefill.aclose()
         await self.decode.aclose()

@@ -18,6 +18,7 @@ from di_router.router.backends import Backend
 from di_router.router.exchange import Exchange
 from di_router.router.metrics import RouterMetrics
 from di_router.router.upstream import Leg, UpstreamError
+from di_router.router.waiting import until_done
 
 log = logging.getLogger("di_router.settle")
 
@@ -43,10 +44,14 @@ class Settler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def wait(self, timeout: float) -> None:
-        """Shutdown: give running settlements some time, then stop them."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+    @property
+    def running(self) -> int:
+        return len(self._tasks)
+
+    async def wait(self, timeout: float, unless: asyncio.Event) -> None:
+        """Shutdown: give running settlements some time (none once `unless` is set), then
+        stop them."""
+        await until_done(set(self._tasks), timeout, unless)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
