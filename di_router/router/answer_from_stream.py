@@ -62,6 +62,8 @@ class AnswerFromStream:
         self._model = ""
         self._tokens = 0
         self.usage: dict[str, Any] | None = None
+        self.size = 0
+        """Characters of text held: what the answer will weigh, whatever the stream's framing."""
 
     def feed(self, data: bytes) -> None:
         chunk = parse_chunk("decode", data)
@@ -82,12 +84,17 @@ class AnswerFromStream:
                     self._tokens += 1
                 if isinstance(text := delta.get("content"), str):
                     choice.text.append(text)
+                    self.size += len(text)
                 if isinstance(reasoning := delta.get("reasoning_content"), str):
-                    choice.reasoning = [*(choice.reasoning or []), reasoning]
+                    if choice.reasoning is None:
+                        choice.reasoning = []
+                    choice.reasoning.append(reasoning)
+                    self.size += len(reasoning)
             else:
                 self._tokens += 1
                 if isinstance(text := raw.get("text"), str):
                     choice.text.append(text)
+                    self.size += len(text)
             if raw.get("finish_reason") is not None:
                 choice.finish_reason = raw["finish_reason"]
                 choice.stop_reason = raw.get("stop_reason")

@@ -200,16 +200,8 @@ class NeuronExchange(Exchange):
     async def _answer_from_stream(self, prefill_answer: dict[str, Any]) -> dict[str, Any]:
         spec = self.spec
         answer = AnswerFromStream(spec.chat)
-        size = 0
         while (batch := await self.decode.next_events()) is not None:
             for data in batch:
-                size += len(data)
-                if size > spec.max_response_bytes:
-                    raise UpstreamError.make(
-                        "decode", 502, "too_large",
-                        f"decode server answer is larger than {spec.max_response_bytes} B",
-                        self.decode.backend.url,
-                    )  # fmt: skip
                 try:
                     answer.feed(data)
                 except UpstreamError as exc:
@@ -221,6 +213,12 @@ class NeuronExchange(Exchange):
                         "decode", 502, "stream_error",
                         f"decode server failed mid-answer: {exc.message}",
                     ) from None  # fmt: skip
+            if answer.size > spec.max_response_bytes:  # the answer's text, not its framing
+                raise UpstreamError.make(
+                    "decode", 502, "too_large",
+                    f"decode server answer is larger than {spec.max_response_bytes} B",
+                    self.decode.backend.url,
+                )  # fmt: skip
         prompt = (prefill_answer.get("usage") or {}).get("prompt_tokens")
         return answer.body(spec.client_id, spec.created, prompt if isinstance(prompt, int) else 0)
 

@@ -204,6 +204,16 @@ def test_oversized_answer_is_502(stack: Stack) -> None:
     assert f"larger than {CAP}" in err["message"] and "decode" in err["message"]
 
 
+def test_answer_rebuilt_from_events_each_under_the_cap_is_502_past_it(stack: Stack) -> None:
+    """A non-streamed answer is rebuilt from decode's stream: the cap is on the answer's text,
+    whatever the events' sizes (three of 0.6 MiB, each under the event cap)."""
+    text = "y" * (CAP * 6 // 10)
+    parts = iter([*(event(chunk("x", text)) for _ in range(3)), b"data: [DONE]\n\n"])
+    stack.decode.handler = after_first_token(parts)
+    err = is_openai_error(post(stack.tight, stream=False), 502)
+    assert f"larger than {CAP} B" in err["message"] and "decode" in err["message"], err
+
+
 def test_large_event_is_relayed_in_linear_time_and_health_stays_fast(stack: Stack) -> None:
     """A 12 MB event (under the 16 MiB default cap) in 16 KB writes: the old decoder copied its
     whole buffer on every read (a 100 MB event took 238 s and /health 1.8 s)."""
