@@ -115,10 +115,10 @@ class Completion:
         except InvalidField as exc:
             return await self._reject(400, exc.message, exc.param or None), Outcome.CLIENT_ERROR
         trace.stream = view.streaming
-        problem = service.protocol.unsupported(view, self.chat)
+        protocol = service.protocol
+        problem = protocol.unsupported(view, self.chat)
         if problem is not None:
             return await self._reject(400, problem[1], problem[0]), Outcome.CLIENT_ERROR
-        protocol = service.protocol
         try:
             prefill_content = orjson.dumps(protocol.prefill_body(body, view))
             streamed = None if view.streaming else protocol.streamed_decode_body(body, self.chat)

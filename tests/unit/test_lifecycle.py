@@ -66,6 +66,19 @@ def good_decode(tokens: str = "ABC", kv: asyncio.Event | None = None) -> Handler
     return handler
 
 
+async def released_by_the_router(router: Router) -> None:
+    """Prefill's KV entry was pulled by the router: decode's second request is prefill's own,
+    one token, not streamed, under the same id."""
+    release = await router.decode.call(1)
+    first = router.prefill.calls[0]
+    assert release.request_id == first.request_id
+    expected = {**first.body, "stream": False, "max_tokens": 1}
+    expected.pop("stream_options", None)
+    assert release.body == expected
+    await router.settled()
+    assert router.metric("di_router_kv_releases_total", outcome="released") == 1
+
+
 @pytest.fixture
 async def make_router() -> AsyncIterator[Callable[..., Router]]:
     routers: list[Router] = []
@@ -179,11 +192,7 @@ async def test_decode_without_headers_at_its_deadline_is_closed_and_prefills_kv_
     else:
         assert client.status == 504
         assert "decode server did not answer within 0.3s" in client.json()["message"]
-    release = await router.decode.call(1)
-    assert release.request_id == router.prefill.calls[0].request_id
-    assert release.body["max_tokens"] == 1 and release.body["stream"] is False
-    await router.settled()
-    assert router.metric("di_router_kv_releases_total", outcome="released") == 1
+    await released_by_the_router(router)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
@@ -266,14 +275,7 @@ async def test_decode_refusing_first_gives_its_error_and_prefills_kv_is_released
     prefill_go.set()
     async with asyncio.timeout(5):
         await task
-    release = await router.decode.call(1)
-    first = router.prefill.calls[0]
-    assert release.request_id == first.request_id
-    expected = {**first.body, "stream": False, "max_tokens": 1}
-    expected.pop("stream_options", None)
-    assert release.body == expected
-    await router.settled()
-    assert router.metric("di_router_kv_releases_total", outcome="released") == 1
+    await released_by_the_router(router)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
